@@ -1,0 +1,14 @@
+"""A dynamic learning rate for Optax: grow it while the loss falls, cut it when
+the loss rises."""
+
+from optax_dynlr._dynamic_lr import DynamicLRState, dynamic_lr
+from optax_dynlr._state import current_learning_rate, find_dynamic_lr_state
+
+__all__ = [
+    "DynamicLRState",
+    "current_learning_rate",
+    "dynamic_lr",
+    "find_dynamic_lr_state",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,408 @@
+"""The dynamic learning rate: grow it while the loss falls, cut it when it rises."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+_FLOAT = jnp.float32
+_COUNT = jnp.int32
+
+
+class DynamicLRState(NamedTuple):
+    """State of :func:`dynamic_lr`.
+
+    Every scalar is a 0-d array of a fixed dtype, so the state can be carried
+    through ``jax.jit``, ``jax.lax.scan`` and ``jax.vmap`` and saved with the
+    rest of the optimizer state.
+
+    Attributes:
+      learning_rate: float32, the rate that scaled the most recent update (the
+        starting rate before the first update).
+      previous_value: float32, the loss the next one is compared with: the last
+        finite loss seen, or with step rejection the loss at the last accepted
+        point. Zero until a finite loss has been seen.
+      has_previous_value: bool, whether ``previous_value`` holds a loss yet.
+      count: int32, number of updates made.
+      num_falls: int32, updates whose loss fell, which grew the rate.
+      num_rises: int32, updates whose loss rose beyond the tolerance or was not
+        finite, which cut the rate.
+      num_nonfinite: int32, updates whose loss was nan or infinite.
+      num_rejections: int32, steps taken back (always zero without step
+        rejection).
+      accepted_direction: with step rejection, the incoming updates at the last
+        accepted point, in each leaf's own dtype; ``None`` without it.
+    """
+
+    learning_rate: jax.Array
+    previous_value: jax.Array
+    has_previous_value: jax.Array
+    count: jax.Array
+    num_falls: jax.Array
+    num_rises: jax.Array
+    num_nonfinite: jax.Array
+    num_rejections: jax.Array
+    accepted_direction: Any
+
+
+def _concrete(value: Any) -> np.ndarray | None:
+    """Returns ``value`` as a NumPy array, or ``None`` if it is traced."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_hyperparameters(
+    learning_rate,
+    increase_factor,
+    decrease_factor,
+    min_learning_rate,
+    max_learning_rate,
+    rtol,
+    atol,
+) -> None:
+    """Raises ValueError for hyperparameters that are concrete and nonsensical.
+
+    Traced hyperparameters (under ``optax.inject_hyperparams`` in a jitted step,
+    or ``jax.vmap`` over starting rates) cannot be inspected and are let through;
+    ``init`` clips a traced starting rate into the bounds.
+    """
+    values = {
+        "learning_rate": _concrete(learning_rate),
+        "increase_factor": _concrete(increase_factor),
+        "decrease_factor": _concrete(decrease_factor),
+        "min_learning_rate": _concrete(min_learning_rate),
+        "max_learning_rate": _concrete(max_learning_rate),
+        "rtol": _concrete(rtol),
+        "atol": _concrete(atol),
+    }
+
+    def known(name):
+        return values[name] is not None
+
+    def fails(name, condition):
+        return known(name) and bool(np.any(condition(values[name])))
+
+    if fails("learning_rate", lambda x: ~(x > 0) | ~np.isfinite(x)):
+        raise ValueError(
+            f"learning_rate must be positive and finite, got {learning_rate}."
+        )
+    if fails("increase_factor", lambda x: ~(x > 1) | ~np.isfinite(x)):
+        raise ValueError(
+            "increase_factor must be a finite number greater than 1 (the rate is "
+            f"multiplied by it when the loss falls), got {increase_factor}."
+        )
+    if fails("decrease_factor", lambda x: ~((x > 0) & (x < 1))):
+        raise ValueError(
+            "decrease_factor must lie strictly between 0 and 1 (the rate is "
+            f"multiplied by it when the loss rises), got {decrease_factor}."
+        )
+    if fails("min_learning_rate", lambda x: ~(x > 0) | ~np.isfinite(x)):
+        raise ValueError(
+            "min_learning_rate must be positive and finite (a rate of zero could "
+            f"never grow again), got {min_learning_rate}."
+        )
+    if fails("max_learning_rate", lambda x: ~(x > 0) | ~np.isfinite(x)):
+        raise ValueError(
+            f"max_learning_rate must be positive and finite, got {max_learning_rate}."
+        )
+    if known("min_learning_rate") and known("max_learning_rate"):
+        if np.any(values["min_learning_rate"] > values["max_learning_rate"]):
+            raise ValueError(
+                f"min_learning_rate ({min_learning_rate}) must not exceed "
+                f"max_learning_rate ({max_learning_rate})."
+            )
+    for name in ("min_learning_rate", "max_learning_rate"):
+        if known("learning_rate") and known(name):
+            outside = (
+                values["learning_rate"] < values[name]
+                if name == "min_learning_rate"
+                else values["learning_rate"] > values[name]
+            )
+            if np.any(outside):
+                raise ValueError(
+                    f"learning_rate ({learning_rate}) must lie within "
+                    f"[min_learning_rate, max_learning_rate]; it is outside "
+                    f"{name} = {values[name]}."
+                )
+    for name in ("rtol", "atol"):
+        if fails(name, lambda x: ~(x >= 0) | ~np.isfinite(x)):
+            raise ValueError(
+                f"{name} must be non-negative and finite, got {values[name]}."
+            )
+
+
+def _loss_as_float32(value: Any) -> jax.Array:
+    """Checks that the loss was passed and is a scalar; returns it as float32."""
+    if value is None:
+        raise TypeError(
+            "dynamic_lr needs the loss of the step: call "
+            "update(updates, state, params, value=loss). The loss must be a "
+            "scalar, for example the mean loss of the batch."
+        )
+    value = jnp.asarray(value)
+    if value.shape != ():
+        raise ValueError(
+            "dynamic_lr needs a scalar loss as value=loss, got an array of shape "
+            f"{value.shape}. Pass the mean (or sum) of per-example losses."
+        )
+    if not (
+        jnp.issubdtype(value.dtype, jnp.floating)
+        or jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"dynamic_lr needs a real-valued loss, got dtype {value.dtype}."
+        )
+    return value.astype(_FLOAT)
+
+
+def _scale_tree(scale: jax.Array, tree: Any) -> Any:
+    """Multiplies every leaf by a float32 scalar, keeping each leaf's dtype.
+
+    The product is formed in the wider of the leaf's dtype and float32, so a
+    bfloat16 leaf meets the full float32 rate and a float64 leaf keeps its
+    precision.
+    """
+
+    def scale_leaf(leaf):
+        if leaf is None:
+            return None
+        compute_dtype = jnp.promote_types(leaf.dtype, _FLOAT)
+        product = leaf.astype(compute_dtype) * scale.astype(compute_dtype)
+        return product.astype(leaf.dtype)
+
+    return jax.tree.map(scale_leaf, tree)
+
+
+def dynamic_lr(
+    learning_rate: jax.typing.ArrayLike,
+    increase_factor: jax.typing.ArrayLike = 1.05,
+    decrease_factor: jax.typing.ArrayLike = 0.5,
+    min_learning_rate: jax.typing.ArrayLike = 1e-10,
+    max_learning_rate: jax.typing.ArrayLike = 1e10,
+    rtol: jax.typing.ArrayLike = 0.0,
+    atol: jax.typing.ArrayLike = 0.0,
+    *,
+    reject_steps: bool = False,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Scales updates by a rate that grows while the loss falls.
+
+    Each call compares the loss passed as ``value`` with the previous finite
+    loss :math:`\ell_{\text{prev}}` and adjusts the rate :math:`\eta` before
+    scaling that call's updates:
+
+    .. math::
+
+      \eta_t = \begin{cases}
+        \min(\eta_{t-1} \cdot \text{increase\_factor},\ \eta_{\max})
+          & \ell_t < \ell_{\text{prev}} \\
+        \max(\eta_{t-1} \cdot \text{decrease\_factor},\ \eta_{\min})
+          & \ell_t > \ell_{\text{prev}} + \text{atol}
+            + \text{rtol} \cdot |\ell_{\text{prev}}|
+            \text{ or } \ell_t \text{ is not finite} \\
+        \eta_{t-1} & \text{otherwise, and on the first call}
+      \end{cases}
+
+    and the call returns :math:`\eta_t \cdot u_t` for incoming updates
+    :math:`u_t`. The comparison is signed, so negative losses work. A loss that
+    is nan or infinite cuts the rate, gives all-zero updates and is not
+    remembered: the next loss is compared with the last finite one.
+
+    The rate lives in the state as float32 whatever the parameters' dtype, and
+    stays within ``[min_learning_rate, max_learning_rate]``, reaching each bound
+    exactly. Read it with :func:`optax_dynlr.current_learning_rate`.
+
+    Place it before plain SGD, ``optax.chain(dynamic_lr(0.1), optax.sgd(1.0))``,
+    or last in the chain after any other optimizer. Placed before Adam it does
+    nothing (Adam divides the scale away), and placed before momentum it is
+    folded into the momentum buffer.
+
+    Args:
+      learning_rate: the starting rate, positive. Only ``init`` reads it.
+      increase_factor: multiplies the rate after a call whose loss fell; > 1.
+      decrease_factor: multiplies the rate after a call whose loss rose, or was
+        not finite; in (0, 1).
+      min_learning_rate: the floor of the rate; positive, so the rate can always
+        grow again.
+      max_learning_rate: the cap of the rate; finite.
+      rtol: a rise smaller than ``atol + rtol * |previous loss|`` leaves the rate
+        unchanged instead of cutting it.
+      atol: see ``rtol``.
+      reject_steps: if true, a call whose loss rose beyond the tolerance, or was
+        not finite, takes back the step that raised it: its updates return the
+        parameters to the last accepted point and step from there along the
+        last accepted direction with the cut rate. Costs one buffer the size of
+        the updates. The remembered loss is then the one at the last accepted
+        point.
+      axis_name: if given, the loss is averaged with ``jax.lax.pmean`` over this
+        mapped axis before the rule, so that every device of a ``shard_map`` or
+        ``pmap`` computation keeps the same rate.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
+      the loss as the keyword argument ``value``; other keyword arguments are
+      ignored.
+
+    Examples:
+      The rates of the rule for the losses 1.0, 0.9, 1.2, nan, 0.8, with
+      gradients of ones; the nan leaves the parameter where it was:
+
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> from optax_dynlr import current_learning_rate, dynamic_lr
+      >>> opt = optax.chain(dynamic_lr(0.1), optax.sgd(1.0))
+      >>> params = jnp.zeros(2)
+      >>> state = opt.init(params)
+      >>> for loss in [1.0, 0.9, 1.2, float("nan"), 0.8]:
+      ...     updates, state = opt.update(jnp.ones(2), state, params, value=loss)
+      ...     params = optax.apply_updates(params, updates)
+      ...     rate = current_learning_rate(state)
+      ...     print(f"rate {float(rate):.7f}, parameter {float(params[0]):.7f}")
+      rate 0.1000000, parameter -0.1000000
+      rate 0.1050000, parameter -0.2050000
+      rate 0.0525000, parameter -0.2575000
+      rate 0.0262500, parameter -0.2575000
+      rate 0.0275625, parameter -0.2850625
+
+    References:
+      Vogl et al., `Accelerating the convergence of the back-propagation method
+      <https://doi.org/10.1007/BF00332914>`_, 1988 (the "bold driver").
+
+      Battiti, `Accelerated backpropagation learning: two optimization methods
+      <https://www.complex-systems.com/abstracts/v03_i04_a02/>`_, 1989.
+
+    .. warning::
+      The rule compares one loss with the next. With minibatch losses, which
+      rise about as often as they fall, a small increase against a sharp
+      decrease drives the rate to ``min_learning_rate``. Feed it full-batch
+      losses, or average the loss over many steps before passing it.
+
+    .. warning::
+      The gradients are not checked: a finite loss with nan gradients passes
+      nan updates through (and, with ``reject_steps``, into the buffer). Wrap
+      the whole chain in ``optax.apply_if_finite`` to skip such steps.
+
+    .. warning::
+      With ``reject_steps``, the undo is exact when this transform is last in
+      the chain or chained before plain ``optax.sgd``. After momentum or Adam
+      the parameters still return to the last accepted point, but those
+      optimizers' own state has already absorbed the rejected gradient.
+    """
+    _check_hyperparameters(
+        learning_rate,
+        increase_factor,
+        decrease_factor,
+        min_learning_rate,
+        max_learning_rate,
+        rtol,
+        atol,
+    )
+
+    def as_float(x):
+        return jnp.asarray(x, dtype=_FLOAT)
+
+    def init_fn(params) -> DynamicLRState:
+        rate = jnp.clip(
+            as_float(learning_rate),
+            as_float(min_learning_rate),
+            as_float(max_learning_rate),
+        )
+        zero = jnp.zeros((), _COUNT)
+        direction = None
+        if reject_steps:
+            direction = jax.tree.map(jnp.zeros_like, params)
+        return DynamicLRState(
+            learning_rate=rate,
+            previous_value=jnp.zeros((), _FLOAT),
+            has_previous_value=jnp.zeros((), jnp.bool_),
+            count=zero,
+            num_falls=zero,
+            num_rises=zero,
+            num_nonfinite=zero,
+            num_rejections=zero,
+            accepted_direction=direction,
+        )
+
+    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+        del params, extra_args
+        loss = _loss_as_float32(value)
+        if axis_name is not None:
+            loss = jax.lax.pmean(loss, axis_name)
+
+        previous = state.previous_value
+        finite = jnp.isfinite(loss)
+        threshold = previous + as_float(atol) + as_float(rtol) * jnp.abs(previous)
+        fell = finite & state.has_previous_value & (loss < previous)
+        rose = ~finite | (state.has_previous_value & (loss > threshold))
+
+        old_rate = state.learning_rate
+        grown = jnp.minimum(
+            old_rate * as_float(increase_factor), as_float(max_learning_rate)
+        )
+        cut = jnp.maximum(
+            old_rate * as_float(decrease_factor), as_float(min_learning_rate)
+        )
+        rate = jnp.where(rose, cut, jnp.where(fell, grown, old_rate)).astype(_FLOAT)
+
+        if reject_steps:
+            new_updates, direction, previous = _step_with_rejection(
+                updates, state, rose, loss, rate
+            )
+            rejected = rose & state.has_previous_value
+        else:
+            scaled = _scale_tree(rate, updates)
+            new_updates = jax.tree.map(
+                lambda u: jnp.where(finite, u, jnp.zeros_like(u)), scaled
+            )
+            direction = None
+            previous = jnp.where(finite, loss, previous)
+            rejected = jnp.zeros((), jnp.bool_)
+
+        new_state = DynamicLRState(
+            learning_rate=rate,
+            previous_value=previous.astype(_FLOAT),
+            has_previous_value=state.has_previous_value | (finite & ~rejected),
+            count=optax.safe_increment(state.count),
+            num_falls=_increment_if(fell, state.num_falls),
+            num_rises=_increment_if(rose, state.num_rises),
+            num_nonfinite=_increment_if(~finite, state.num_nonfinite),
+            num_rejections=_increment_if(rejected, state.num_rejections),
+            accepted_direction=direction,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _increment_if(condition: jax.Array, count: jax.Array) -> jax.Array:
+    return jnp.where(condition, optax.safe_increment(count), count)
+
+
+def _step_with_rejection(updates, state, rose, loss, rate):
+    """Returns the updates, the accepted direction and the remembered loss.
+
+    Since the last accepted point the parameters have moved by
+    ``old_rate * direction``. Accepting the current point steps from it along
+    the incoming updates; rejecting it replaces that move by
+    ``rate * direction``, a single update of ``(rate - old_rate) * direction``.
+    Before any accepted point the direction is zero and so is the update.
+    """
+    old_rate = state.learning_rate
+    accept = ~rose
+
+    retry = _scale_tree(rate - old_rate, state.accepted_direction)
+    step = _scale_tree(rate, updates)
+    new_updates = jax.tree.map(
+        lambda s, r: jnp.where(accept, s, r).astype(s.dtype), step, retry
+    )
+    direction = jax.tree.map(
+        lambda u, d: jnp.where(accept, u, d).astype(d.dtype),
+        updates,
+        state.accepted_direction,
+    )
+    previous = jnp.where(accept, loss, state.previous_value)
+    return new_updates, direction, previous
