@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: data that ships offline, models, reporting."""
 
 import datetime
+import itertools
 import platform
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def digits_classification():
 def init_mlp(key, sizes):
     """Parameters of a tanh MLP with the given layer sizes (LeCun normal)."""
     params = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    for fan_in, fan_out in itertools.pairwise(sizes):
         key, subkey = jax.random.split(key)
         weights = jax.random.normal(subkey, (fan_in, fan_out)) / np.sqrt(fan_in)
         params.append({"w": weights, "b": jnp.zeros(fan_out)})
