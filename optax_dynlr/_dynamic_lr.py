@@ -34,6 +34,8 @@ class DynamicLRState(NamedTuple):
         rejection).
       accepted_direction: with step rejection, the incoming updates at the last
         accepted point, in each leaf's own dtype; ``None`` without it.
+      trend: with ``noise_aware``, the scalar statistics of recent losses that
+        decide the rate; ``None`` without it.
     """
 
     learning_rate: jax.Array
@@ -45,6 +47,7 @@ class DynamicLRState(NamedTuple):
     num_nonfinite: jax.Array
     num_rejections: jax.Array
     accepted_direction: Any
+    trend: Any = None
 
 
 def _concrete(value: Any) -> np.ndarray | None:
@@ -187,6 +190,7 @@ def dynamic_lr(
     atol: jax.typing.ArrayLike = 0.0,
     *,
     reject_steps: bool = False,
+    noise_aware: bool = False,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scales updates by a rate that grows while the loss falls.
@@ -305,6 +309,11 @@ def dynamic_lr(
     def as_float(x):
         return jnp.asarray(x, dtype=_FLOAT)
 
+    if noise_aware:
+        # Imported here so the plain rule works while the noise-aware module is
+        # under construction.
+        from optax_dynlr import _noise_aware
+
     def init_fn(params) -> DynamicLRState:
         rate = jnp.clip(
             as_float(learning_rate),
@@ -315,6 +324,9 @@ def dynamic_lr(
         direction = None
         if reject_steps:
             direction = jax.tree.map(jnp.zeros_like, params)
+        trend = None
+        if noise_aware:
+            trend = _noise_aware.init_trend()
         return DynamicLRState(
             learning_rate=rate,
             previous_value=jnp.zeros((), _FLOAT),
@@ -325,6 +337,7 @@ def dynamic_lr(
             num_nonfinite=zero,
             num_rejections=zero,
             accepted_direction=direction,
+            trend=trend,
         )
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -340,13 +353,32 @@ def dynamic_lr(
         rose = ~finite | (state.has_previous_value & (loss > threshold))
 
         old_rate = state.learning_rate
-        grown = jnp.minimum(
-            old_rate * as_float(increase_factor), as_float(max_learning_rate)
-        )
-        cut = jnp.maximum(
-            old_rate * as_float(decrease_factor), as_float(min_learning_rate)
-        )
-        rate = jnp.where(rose, cut, jnp.where(fell, grown, old_rate)).astype(_FLOAT)
+        if noise_aware:
+            multiplier, trend = _noise_aware.decide(
+                state.trend,
+                loss,
+                as_float(increase_factor),
+                as_float(decrease_factor),
+            )
+            # A non-finite loss says nothing about the trend but always cuts.
+            multiplier = jnp.where(finite, multiplier, as_float(decrease_factor))
+            trend = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), trend, state.trend
+            )
+            fell = multiplier > 1
+            rose = multiplier < 1
+        else:
+            multiplier = jnp.where(
+                rose,
+                as_float(decrease_factor),
+                jnp.where(fell, as_float(increase_factor), jnp.ones((), _FLOAT)),
+            )
+            trend = None
+        rate = jnp.clip(
+            old_rate * multiplier,
+            as_float(min_learning_rate),
+            as_float(max_learning_rate),
+        ).astype(_FLOAT)
 
         if reject_steps:
             new_updates, direction, previous = _step_with_rejection(
@@ -372,6 +404,7 @@ def dynamic_lr(
             num_nonfinite=_increment_if(~finite, state.num_nonfinite),
             num_rejections=_increment_if(rejected, state.num_rejections),
             accepted_direction=direction,
+            trend=trend,
         )
         return new_updates, new_state
 
