@@ -1,0 +1,617 @@
+"""The rule itself: rates, bounds, tolerances, numerics, dtypes and errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from optax_dynlr import (
+    DynamicLRState,
+    current_learning_rate,
+    dynamic_lr,
+    find_dynamic_lr_state,
+)
+
+NAN = float("nan")
+INF = float("inf")
+
+eager_and_jit = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+
+
+def run_losses(opt, losses, params, grads=None, jit=False):
+    """Feeds one loss per call with fixed gradients (ones by default).
+
+    Returns the rate after each call, each call's updates, the parameters after
+    each call and the final state.
+    """
+    if grads is None:
+        grads = jax.tree.map(jnp.ones_like, params)
+
+    def step(state, params, loss):
+        return opt.update(grads, state, params, value=loss)
+
+    if jit:
+        step = jax.jit(step)
+    state = opt.init(params)
+    rates, all_updates, all_params = [], [], []
+    for loss in losses:
+        updates, state = step(state, params, loss)
+        params = optax.apply_updates(params, updates)
+        rates.append(float(current_learning_rate(state)))
+        all_updates.append(updates)
+        all_params.append(params)
+    return rates, all_updates, all_params, state
+
+
+def f32(x):
+    return np.float32(x)
+
+
+# ---------------------------------------------------------------------------
+# The worked example.
+
+
+@eager_and_jit
+def test_worked_example_rates_updates_and_parameters(jit):
+    # Rates: first call keeps 0.1; 0.9 < 1.0 grows to 0.1 * 1.05 = 0.105;
+    # 1.2 > 0.9 halves to 0.0525; nan halves to 0.02625; 0.8 < 0.9 (the last
+    # finite loss, not the nan) grows to 0.02625 * 1.05 = 0.0275625.
+    opt = optax.chain(dynamic_lr(0.1, 1.05, 0.5), optax.sgd(1.0))
+    params = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}
+    rates, updates, all_params, _ = run_losses(
+        opt, [1.0, 0.9, 1.2, NAN, 0.8], params, jit=jit
+    )
+
+    np.testing.assert_allclose(
+        rates, [0.1, 0.105, 0.0525, 0.02625, 0.0275625], rtol=1e-6
+    )
+    for call in [0, 1, 2, 4]:
+        for leaf in jax.tree.leaves(updates[call]):
+            np.testing.assert_allclose(leaf, -rates[call], rtol=1e-6)
+    for leaf in jax.tree.leaves(updates[3]):
+        np.testing.assert_array_equal(leaf, 0.0)
+    # Parameter: -0.1, -0.1 - 0.105, -0.205 - 0.0525, unchanged on the nan,
+    # -0.2575 - 0.0275625.
+    trajectory = [float(p["b"][0]) for p in all_params]
+    np.testing.assert_allclose(
+        trajectory, [-0.1, -0.205, -0.2575, -0.2575, -0.2850625], rtol=1e-6
+    )
+
+
+@eager_and_jit
+def test_worked_example_counts_and_remembered_loss(jit):
+    opt = dynamic_lr(0.1)
+    _, _, _, state = run_losses(opt, [1.0, 0.9, 1.2, NAN, 0.8], jnp.zeros(2), jit=jit)
+
+    # Falls: 0.9 and 0.8. Rises: 1.2 and the nan. One non-finite loss.
+    assert int(state.count) == 5
+    assert int(state.num_falls) == 2
+    assert int(state.num_rises) == 2
+    assert int(state.num_nonfinite) == 1
+    assert int(state.num_rejections) == 0
+    assert float(state.previous_value) == f32(0.8)
+    assert bool(state.has_previous_value)
+    assert state.accepted_direction is None
+
+
+@eager_and_jit
+def test_sgd_first_then_dynamic_lr_scales_this_calls_step(jit):
+    # Parameter 0, gradient 1: sgd(1.0) proposes -1 each call, which the rate
+    # of this call (adjusted first) scales: -0.1, -0.105, -0.0525; the sum is
+    # -0.2575.
+    opt = optax.chain(optax.sgd(1.0), dynamic_lr(0.1))
+    _, updates, all_params, _ = run_losses(opt, [1.0, 0.9, 1.2], jnp.zeros(()), jit=jit)
+
+    np.testing.assert_allclose(
+        [float(u) for u in updates], [-0.1, -0.105, -0.0525], rtol=1e-6
+    )
+    np.testing.assert_allclose(float(all_params[-1]), -0.2575, rtol=1e-6)
+
+
+def test_first_call_keeps_the_rate_whatever_the_loss():
+    for loss in [-5.0, 0.0, 1e30]:
+        rates, updates, _, state = run_losses(dynamic_lr(0.1), [loss], jnp.zeros(2))
+        assert rates == [f32(0.1)]
+        np.testing.assert_allclose(updates[0], [0.1, 0.1], rtol=1e-7)
+        assert float(state.previous_value) == f32(loss)
+
+
+def test_non_finite_first_loss_cuts_and_is_not_remembered():
+    # A nan at the first call cuts 0.1 to 0.05 and moves nothing; the next
+    # call is then the first with a loss to compare, so it keeps 0.05.
+    rates, updates, _, state = run_losses(dynamic_lr(0.1), [NAN, 3.0], jnp.zeros(2))
+
+    np.testing.assert_allclose(rates, [0.05, 0.05], rtol=1e-7)
+    np.testing.assert_array_equal(updates[0], [0.0, 0.0])
+    assert float(state.previous_value) == 3.0
+    assert int(state.num_falls) == 0
+
+
+def test_equal_loss_keeps_the_rate():
+    rates, _, _, _ = run_losses(dynamic_lr(0.1), [2.0, 2.0, 2.0], jnp.zeros(1))
+    assert rates == [f32(0.1)] * 3
+
+
+@eager_and_jit
+def test_negative_losses_compare_by_sign(jit):
+    # -2 < -1 is a fall (0.1 -> 0.105); -1.5 > -2 is a rise (-> 0.0525);
+    # -1.5 -> -3 falls again (-> 0.055125). A comparison of magnitudes would
+    # get every one of these backwards.
+    rates, _, _, _ = run_losses(
+        dynamic_lr(0.1), [-1.0, -2.0, -1.5, -3.0], jnp.zeros(1), jit=jit
+    )
+    np.testing.assert_allclose(rates, [0.1, 0.105, 0.0525, 0.055125], rtol=1e-6)
+
+
+def test_zero_and_integer_losses():
+    # Integer losses are compared as float32: 3 -> 0 falls, 0 -> 1 rises.
+    rates, _, _, state = run_losses(dynamic_lr(0.1), [3, 0, 1], jnp.zeros(1))
+    np.testing.assert_allclose(rates, [0.1, 0.105, 0.0525], rtol=1e-6)
+    assert state.previous_value.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------
+# Bounds.
+
+
+@eager_and_jit
+def test_rate_reaches_each_bound_exactly_and_stays(jit):
+    # 0.25 * 2 = 0.5, then 1.0 is above the cap 0.75; 0.75 / 2 = 0.375, then
+    # 0.1875 is below the floor 0.2. All exact in float32.
+    opt = dynamic_lr(0.25, 2.0, 0.5, min_learning_rate=0.2, max_learning_rate=0.75)
+    losses = [10.0, 9.0, 8.0, 7.0, 8.0, 9.0, 10.0]
+    rates, _, _, _ = run_losses(opt, losses, jnp.zeros(1), jit=jit)
+    assert rates == [0.25, 0.5, 0.75, 0.75, 0.375, f32(0.2), f32(0.2)]
+
+
+def test_starting_rate_on_the_bounds_is_accepted():
+    for rate in [1e-3, 1.0]:
+        state = dynamic_lr(rate, min_learning_rate=1e-3, max_learning_rate=1.0).init(
+            jnp.zeros(1)
+        )
+        assert float(state.learning_rate) == f32(rate)
+
+
+def test_traced_starting_rate_outside_the_bounds_is_clipped_by_init():
+    # Under vmap the rate cannot be checked at construction, so init clips it.
+    rates = jax.vmap(
+        lambda lr: (
+            dynamic_lr(lr, min_learning_rate=0.01, max_learning_rate=1.0)
+            .init(jnp.zeros(1))
+            .learning_rate
+        )
+    )(jnp.array([0.001, 0.5, 2.0]))
+    np.testing.assert_array_equal(rates, np.array([0.01, 0.5, 1.0], np.float32))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a max_learning_rate that is finite in float64 but overflows float32 "
+    "passes validation, and the rate then reaches inf",
+)
+def test_max_learning_rate_beyond_float32_is_rejected():
+    # 1e39 is above float32's largest value (about 3.4e38).
+    with pytest.raises(ValueError, match="max_learning_rate"):
+        dynamic_lr(0.1, max_learning_rate=1e39)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a min_learning_rate below float32's smallest normal number passes "
+    "validation, is flushed to zero, and the rate dies at 0.0",
+)
+def test_min_learning_rate_too_small_for_float32_cannot_let_the_rate_die():
+    # 1e-40 is positive but subnormal in float32 (smallest normal about
+    # 1.2e-38); 1e-46 rounds to 0 outright. Either the factory refuses them or
+    # the rate must stay positive, so that a fall can still grow it.
+    for floor in [1e-40, 1e-46]:
+        try:
+            opt = dynamic_lr(1e-30, min_learning_rate=floor)
+        except ValueError as error:
+            assert "min_learning_rate" in str(error)
+            continue
+        # 1e-30 needs about 70 halvings to drop below 1e-51.
+        losses = jnp.arange(80, dtype=jnp.float32)
+        state = _scan_losses(opt, losses, jnp.zeros(1))
+        assert float(state.learning_rate) > 0.0
+
+
+def _scan_losses(opt, losses, params):
+    def body(state, loss):
+        _, state = opt.update(jnp.ones_like(params), state, params, value=loss)
+        return state, None
+
+    state, _ = jax.lax.scan(body, opt.init(params), losses)
+    return state
+
+
+# ---------------------------------------------------------------------------
+# Tolerance.
+
+
+@pytest.mark.parametrize(
+    ("rtol", "atol", "previous", "loss", "factor"),
+    [
+        # threshold = previous + atol + rtol * |previous|; all values dyadic so
+        # float32 computes the threshold exactly.
+        (0.0, 0.25, 1.0, 1.25, 1.0),  # threshold 1.25: not above, kept
+        (0.0, 0.25, 1.0, 1.5, 0.5),  # above 1.25: cut
+        (0.5, 0.0, 2.0, 3.0, 1.0),  # threshold 2 + 1 = 3: kept
+        (0.5, 0.0, 2.0, 3.25, 0.5),  # above 3: cut
+        (0.5, 0.0, -2.0, -1.0, 1.0),  # threshold -2 + 1 = -1: kept
+        (0.5, 0.0, -2.0, -0.75, 0.5),  # above -1: cut
+        (0.25, 0.5, 4.0, 5.5, 1.0),  # threshold 4 + 0.5 + 1 = 5.5: kept
+        (0.25, 0.5, 4.0, 5.75, 0.5),  # above 5.5: cut
+        (0.25, 0.5, 4.0, 3.75, 1.05),  # a fall grows whatever the tolerance
+        (0.0, 0.0, 1.0, 1.0000001, 0.5),  # no tolerance: the next float cuts
+    ],
+)
+def test_tolerance_threshold(rtol, atol, previous, loss, factor):
+    opt = dynamic_lr(0.25, rtol=rtol, atol=atol)
+    rates, _, _, _ = run_losses(opt, [previous, loss], jnp.zeros(1))
+    assert rates[1] == f32(0.25) * f32(factor)
+
+
+def test_tolerance_compares_with_the_last_loss_not_the_best():
+    # With atol 0.25 each rise of 0.25 is tolerated and becomes the new
+    # reference, so 1.0 -> 1.25 -> 1.5 -> 1.75 never cuts; 1.75 -> 2.25 does.
+    opt = dynamic_lr(0.25, atol=0.25)
+    rates, _, _, _ = run_losses(opt, [1.0, 1.25, 1.5, 1.75, 2.25], jnp.zeros(1))
+    assert rates == [0.25, 0.25, 0.25, 0.25, 0.125]
+
+
+# ---------------------------------------------------------------------------
+# Numerics and dtypes.
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize(
+    "value",
+    [0.3, np.float16(0.3), jnp.bfloat16(0.3), jnp.asarray(0.3, jnp.float16), 3],
+    ids=["python", "np-f16", "bf16", "jnp-f16", "int"],
+)
+def test_state_is_float32_whatever_the_parameter_and_loss_dtypes(param_dtype, value):
+    opt = dynamic_lr(0.1)
+    params = jnp.zeros(3, param_dtype)
+    _, state = opt.update(jnp.ones(3, param_dtype), opt.init(params), value=value)
+
+    assert state.learning_rate.dtype == jnp.float32
+    assert state.previous_value.dtype == jnp.float32
+    # The loss is widened exactly: float32 holds every bf16 and f16 value.
+    assert float(state.previous_value) == float(np.asarray(value).astype(np.float32))
+
+
+def test_state_is_float32_for_float64_parameters_and_loss_under_x64():
+    with jax.enable_x64(True):
+        opt = dynamic_lr(0.1)
+        params = jnp.zeros(3, jnp.float64)
+        state = opt.init(params)
+        updates, state = opt.update(
+            jnp.ones(3, jnp.float64), state, value=jnp.asarray(0.3, jnp.float64)
+        )
+        updates, state = opt.update(jnp.ones(3, jnp.float64), state, value=0.2)
+
+        assert state.learning_rate.dtype == jnp.float32
+        assert state.previous_value.dtype == jnp.float32
+        assert updates.dtype == jnp.float64
+        # The float64 leaf meets the float32 rate without rounding to float32:
+        # float32(0.1) * float32(1.05) widened exactly, times 1.0.
+        expected = np.float64(np.float32(0.1) * np.float32(1.05))
+        np.testing.assert_array_equal(updates, np.full(3, expected))
+
+
+def test_bfloat16_parameters_still_see_a_small_increase_factor():
+    # bf16 keeps 8 significant bits, so 1.002 would round to 1.0 and the rate
+    # could never grow; in float32 each fall multiplies by 1.002.
+    opt = dynamic_lr(0.1, increase_factor=1.002)
+    params = jnp.zeros(2, jnp.bfloat16)
+    losses = [10.0 - k for k in range(6)]
+    rates, updates, _, _ = run_losses(opt, losses, params, jit=True)
+
+    expected = [f32(0.1)]
+    for _ in range(5):
+        expected.append(expected[-1] * f32(1.002))
+    assert rates == expected
+    assert np.all(np.diff(rates) > 0)
+    assert updates[-1].dtype == jnp.bfloat16
+
+
+@eager_and_jit
+def test_updates_keep_each_leafs_own_dtype(jit):
+    params = {
+        "bf16": jnp.zeros(2, jnp.bfloat16),
+        "f16": jnp.zeros(3, jnp.float16),
+        "f32": jnp.zeros((), jnp.float32),
+    }
+    grads = {
+        "bf16": jnp.full(2, 2.0, jnp.bfloat16),
+        "f16": jnp.full(3, 2.0, jnp.float16),
+        "f32": jnp.asarray(2.0, jnp.float32),
+    }
+    _, updates, _, _ = run_losses(dynamic_lr(0.1), [1.0, 0.5], params, grads, jit=jit)
+
+    # Second call: rate 0.105, updates 2 * 0.105 = 0.21 rounded once into each
+    # leaf's dtype from the float32 product.
+    product = np.float32(2.0) * np.float32(0.1) * np.float32(1.05)
+    for name, dtype in [
+        ("bf16", jnp.bfloat16),
+        ("f16", jnp.float16),
+        ("f32", jnp.float32),
+    ]:
+        assert updates[1][name].dtype == dtype
+        expected = np.asarray(product).astype(dtype)
+        np.testing.assert_array_equal(
+            np.asarray(updates[1][name], np.float32),
+            np.broadcast_to(np.float32(expected), updates[1][name].shape),
+        )
+
+
+def _leaf_signature(tree):
+    return jax.tree.map(lambda x: (x.dtype, x.shape, x.weak_type), tree)
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("reject_steps", [False, True])
+def test_state_leaves_keep_dtype_shape_and_weak_type(param_dtype, reject_steps):
+    opt = optax.chain(optax.sgd(1.0), dynamic_lr(0.1, reject_steps=reject_steps))
+    params = {"a": jnp.zeros((2, 3), param_dtype), "b": jnp.zeros((), param_dtype)}
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = opt.init(params)
+    before = _leaf_signature(state)
+
+    assert not any(leaf.weak_type for leaf in jax.tree.leaves(state))
+    for loss in [1.0, 0.5, NAN, 2.0]:
+        _, state = opt.update(grads, state, params, value=loss)
+        assert _leaf_signature(state) == before
+    jitted = jax.jit(lambda s, v: opt.update(grads, s, params, value=v)[1])
+    assert _leaf_signature(jitted(state, 0.25)) == before
+
+
+def test_jitted_step_traces_once_over_many_steps():
+    opt = optax.chain(dynamic_lr(0.1), optax.sgd(1.0))
+    params = jnp.zeros(4)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, loss):
+        updates, state = opt.update(jnp.ones(4), state, params, value=loss)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for loss in [1.0, 0.9, 1.2, NAN, 0.8, INF, 0.7, -INF, 0.6, 0.5]:
+        params, state = step(params, state, loss)
+    assert float(current_learning_rate(state)) > 0
+
+
+def test_scan_matches_step_by_step_and_traces_once():
+    losses = jnp.array([1.0, 0.9, 0.95, 0.7, NAN, 0.6, 0.65, 0.64, 0.3, 0.3])
+    opt = optax.chain(dynamic_lr(0.1, atol=0.02), optax.sgd(1.0))
+    params = jnp.zeros(2)
+    traces = []
+
+    @jax.jit
+    def run(losses):
+        traces.append(None)
+
+        def body(carry, loss):
+            params, state = carry
+            updates, state = opt.update(jnp.ones(2), state, params, value=loss)
+            params = optax.apply_updates(params, updates)
+            return (params, state), current_learning_rate(state)
+
+        return jax.lax.scan(body, (params, opt.init(params)), losses)
+
+    (scan_params, _), scan_rates = run(losses)
+    run(losses[::-1])
+    assert len(traces) == 1
+
+    rates, _, all_params, _ = run_losses(opt, [float(x) for x in losses], params)
+    np.testing.assert_array_equal(scan_rates, np.array(rates, np.float32))
+    np.testing.assert_allclose(scan_params, all_params[-1], rtol=1e-6)
+    # 0.9 falls (0.105); 0.95 > 0.9 + 0.02 cuts (0.0525); 0.7 falls (0.055125);
+    # nan cuts (0.0275625); 0.6 falls (0.028940625); 0.65 > 0.62 cuts
+    # (0.0144703125); 0.64 falls (0.0151938281); 0.3 falls (0.0159535195);
+    # an equal 0.3 keeps it.
+    np.testing.assert_allclose(
+        rates,
+        [0.1, 0.105, 0.0525, 0.055125, 0.0275625, 0.028940625, 0.0144703125]
+        + [0.0151938281, 0.0159535195, 0.0159535195],
+        rtol=1e-6,
+    )
+
+
+def test_eager_and_jit_agree_on_a_long_mixed_sequence():
+    losses = [3.0, 2.5, 2.6, 2.0, 2.0, NAN, 1.9, 1.95, -INF, 1.5, 1.4, 1.6]
+    opt = optax.chain(dynamic_lr(0.2, rtol=0.01), optax.sgd(1.0))
+    params = {"a": jnp.zeros(3), "b": jnp.zeros((), jnp.bfloat16)}
+    eager = run_losses(opt, losses, params, jit=False)
+    jitted = run_losses(opt, losses, params, jit=True)
+
+    assert eager[0] == jitted[0]
+    chex.assert_trees_all_close(eager[2], jitted[2], rtol=1e-6)
+    # rtol 0.01: 2.6 > 2.525 cuts, 2.0 equal keeps, 1.95 > 1.919 cuts, 1.6 >
+    # 1.414 cuts; nan and -inf cut; the other losses fall.
+    np.testing.assert_allclose(
+        eager[0],
+        [0.2, 0.21, 0.105, 0.11025, 0.11025, 0.055125, 0.05788125, 0.028940625]
+        + [0.0144703125, 0.0151938281, 0.0159535195, 0.0079767598],
+        rtol=1e-6,
+    )
+
+
+@eager_and_jit
+@pytest.mark.parametrize("shape", [(3,), (1,), (2, 2)])
+def test_non_scalar_loss_is_rejected(jit, shape):
+    opt = dynamic_lr(0.1)
+    params = jnp.zeros(2)
+
+    def update(loss):
+        return opt.update(jnp.ones(2), opt.init(params), params, value=loss)
+
+    if jit:
+        update = jax.jit(update)
+    with pytest.raises(ValueError, match="scalar"):
+        update(jnp.ones(shape))
+
+
+def test_complex_loss_is_rejected():
+    opt = dynamic_lr(0.1)
+    with pytest.raises(ValueError, match="real"):
+        opt.update(jnp.ones(2), opt.init(jnp.zeros(2)), value=jnp.asarray(1.0 + 2.0j))
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameter errors.
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"learning_rate": 0.0}, r"\blearning_rate"),
+        ({"learning_rate": -0.1}, r"\blearning_rate"),
+        ({"learning_rate": NAN}, r"\blearning_rate"),
+        ({"learning_rate": INF}, r"\blearning_rate"),
+        ({"learning_rate": 20.0, "max_learning_rate": 10.0}, "max_learning_rate"),
+        ({"learning_rate": 1e-4, "min_learning_rate": 1e-3}, "min_learning_rate"),
+        ({"increase_factor": 1.0}, "increase_factor"),
+        ({"increase_factor": 0.95}, "increase_factor"),
+        ({"increase_factor": INF}, "increase_factor"),
+        ({"increase_factor": NAN}, "increase_factor"),
+        ({"decrease_factor": 0.0}, "decrease_factor"),
+        ({"decrease_factor": 1.0}, "decrease_factor"),
+        ({"decrease_factor": 1.5}, "decrease_factor"),
+        ({"decrease_factor": -0.5}, "decrease_factor"),
+        ({"decrease_factor": NAN}, "decrease_factor"),
+        ({"min_learning_rate": 0.0}, "min_learning_rate"),
+        ({"min_learning_rate": -1e-3}, "min_learning_rate"),
+        ({"max_learning_rate": INF}, "max_learning_rate"),
+        ({"max_learning_rate": NAN}, "max_learning_rate"),
+        ({"min_learning_rate": 1.0, "max_learning_rate": 0.5}, "min_learning_rate"),
+        ({"rtol": -0.1}, "rtol"),
+        ({"rtol": INF}, "rtol"),
+        ({"atol": -1e-9}, "atol"),
+        ({"atol": NAN}, "atol"),
+    ],
+)
+def test_bad_hyperparameters_raise_naming_the_argument(kwargs, name):
+    kwargs = {"learning_rate": 0.1, **kwargs}
+    if "min_learning_rate" in kwargs and "max_learning_rate" in kwargs:
+        kwargs["learning_rate"] = 0.75
+    with pytest.raises(ValueError, match=name):
+        dynamic_lr(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"increase_factor": 1.0000001},
+        {"decrease_factor": 1e-6},
+        {"decrease_factor": 0.999},
+        {"min_learning_rate": 0.1, "max_learning_rate": 0.1},
+        {"rtol": 0.0, "atol": 0.0},
+        {"increase_factor": np.float32(1.5), "min_learning_rate": jnp.float32(1e-3)},
+    ],
+)
+def test_boundary_hyperparameters_are_accepted(kwargs):
+    opt = dynamic_lr(0.1, **kwargs)
+    state = opt.init(jnp.zeros(1))
+    assert float(state.learning_rate) == f32(0.1)
+
+
+# ---------------------------------------------------------------------------
+# Taking back rejected steps.
+
+
+def _quadratic_run(losses_override, reject_steps=True):
+    """Minimises 0.5 * x**2 from x = 1, with sgd(1.0) then dynamic_lr(6.0).
+
+    ``losses_override`` maps a call index to a loss (and gradient) to report in
+    place of the true ones.
+    """
+    opt = optax.chain(optax.sgd(1.0), dynamic_lr(6.0, reject_steps=reject_steps))
+    params = jnp.asarray(1.0)
+    state = opt.init(params)
+    trajectory, states = [], []
+    for call in range(6):
+        loss = 0.5 * params**2
+        grad = params
+        if call in losses_override:
+            loss = losses_override[call]
+            grad = jnp.asarray(losses_override[call])
+        updates, state = opt.update(grad, state, params, value=loss)
+        params = optax.apply_updates(params, updates)
+        trajectory.append(float(params))
+        states.append(find_dynamic_lr_state(state))
+    return trajectory, states
+
+
+def test_rejection_on_a_quadratic_with_two_rejections_in_a_row_and_a_nan():
+    # f(x) = x**2 / 2, gradient x, start x = 1, rate 6:
+    # 1. f = 0.5, first call: rate 6, accept, step -6 -> x = -5.
+    # 2. f = 12.5 > 0.5: rate 3, reject: back to 1, then 1 - 3 = -2.
+    # 3. f = 2 > 0.5: rate 1.5, reject again: 1 - 1.5 = -0.5.
+    # 4. f = 0.125 < 0.5: rate 1.575, accept at -0.5, step 1.575 * 0.5
+    #    -> x = 0.2875.
+    # 5. nan loss (and nan gradient): rate 0.7875, reject: back to -0.5, then
+    #    -0.5 + 0.7875 * 0.5 = -0.10625.
+    # 6. f = 0.0056445... < 0.125: rate 0.826875, accept, step 0.826875 *
+    #    0.10625 -> x = -0.10625 + 0.08785546875 = -0.01839453125.
+    trajectory, states = _quadratic_run({4: NAN})
+
+    np.testing.assert_allclose(
+        trajectory,
+        [-5.0, -2.0, -0.5, 0.2875, -0.10625, -0.01839453125],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        [float(s.learning_rate) for s in states],
+        [6.0, 3.0, 1.5, 1.575, 0.7875, 0.826875],
+        rtol=1e-6,
+    )
+    assert [int(s.num_rejections) for s in states] == [0, 1, 2, 2, 3, 3]
+    # The remembered loss is the one at the last accepted point.
+    np.testing.assert_allclose(
+        [float(s.previous_value) for s in states],
+        [0.5, 0.5, 0.5, 0.125, 0.125, 0.5 * 0.10625**2],
+        rtol=1e-6,
+    )
+    final = states[-1]
+    assert int(final.num_nonfinite) == 1
+    assert int(final.num_rises) == 3
+    assert int(final.num_falls) == 2
+    assert all(np.isfinite(trajectory))
+    # The direction at the last accepted point: the update sgd proposed at
+    # x = -0.10625, namely +0.10625.
+    np.testing.assert_allclose(float(final.accepted_direction), 0.10625, rtol=1e-6)
+
+
+def test_without_rejection_the_same_run_keeps_the_overshoots():
+    # Same losses as above without taking steps back: x = 1 - 6 = -5, then
+    # -5 + 3 * 5 = 10, showing that the rejection run's numbers come from the
+    # undo and not from the rate alone.
+    trajectory, states = _quadratic_run({}, reject_steps=False)
+    np.testing.assert_allclose(trajectory[:2], [-5.0, 10.0], rtol=1e-6)
+    assert int(states[-1].num_rejections) == 0
+
+
+def test_rejection_with_a_nan_first_loss_moves_nothing():
+    opt = dynamic_lr(0.1, reject_steps=True)
+    params = jnp.zeros(2)
+    updates, state = opt.update(jnp.full(2, NAN), opt.init(params), params, value=NAN)
+    np.testing.assert_array_equal(updates, [0.0, 0.0])
+    assert int(state.num_rejections) == 0
+    assert not bool(state.has_previous_value)
+    # The nan gradient of the non-finite call is not kept as a direction.
+    assert bool(jnp.all(jnp.isfinite(state.accepted_direction)))
+
+
+def test_rejection_tolerated_rise_is_accepted():
+    # atol 0.5: 1.0 -> 1.4 is within tolerance, so the step is accepted and
+    # the remembered loss moves to 1.4.
+    opt = dynamic_lr(0.1, atol=0.5, reject_steps=True)
+    _, _, _, state = run_losses(opt, [1.0, 1.4], jnp.zeros(1))
+    assert int(state.num_rejections) == 0
+    assert float(state.previous_value) == f32(1.4)
+    assert isinstance(state, DynamicLRState)
