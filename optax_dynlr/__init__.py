@@ -2,6 +2,7 @@
 the loss rises."""
 
 from optax_dynlr._dynamic_lr import DynamicLRState, dynamic_lr
+from optax_dynlr._plot import plot_training as plot_training
 from optax_dynlr._state import current_learning_rate, find_dynamic_lr_state
 
 __all__ = [
