@@ -30,6 +30,11 @@ def optimizer_for(kind):
             optax.chain(dynamic_lr(START_RATE, reject_steps=True), optax.sgd(1.0)),
             every_k_schedule=2,
         )
+    if kind == "noise_aware":
+        return optax.chain(
+            dynamic_lr(START_RATE, noise_aware=True, reject_steps=True),
+            optax.sgd(1.0),
+        )
     raise ValueError(kind)
 
 
@@ -83,7 +88,9 @@ def assert_trees_equal(actual, expected):
 
 
 @pytest.mark.parametrize("template", ["concrete", "abstract"])
-@pytest.mark.parametrize("kind", ["plain", "reject_steps", "multi_steps"])
+@pytest.mark.parametrize(
+    "kind", ["plain", "reject_steps", "multi_steps", "noise_aware"]
+)
 def test_resumed_run_continues_exactly(tmp_path, kind, template):
     optimizer = optimizer_for(kind)
     step, num_traces = make_step(kind)
@@ -100,9 +107,22 @@ def test_resumed_run_continues_exactly(tmp_path, kind, template):
     )
     saved = {"params": saved_params, "opt_state": saved_state}
     counts = find_dynamic_lr_state(saved_state)
-    assert counts.num_rises > 0 and counts.num_falls > 0
-    if kind != "plain":
+    assert counts.num_rises > 0
+    if kind != "noise_aware":
+        assert counts.num_falls > 0
+    if kind in ("reject_steps", "multi_steps"):
         assert counts.num_rejections > 0
+    if kind == "noise_aware":
+        # The statistics of recent losses have moved away from their start.
+        fresh_trend = find_dynamic_lr_state(optimizer.init(params)).trend
+        assert any(
+            np.any(saved != start)
+            for saved, start in zip(
+                jax.tree.leaves(counts.trend),
+                jax.tree.leaves(fresh_trend),
+                strict=True,
+            )
+        )
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "checkpoint", saved)
         checkpointer.wait_until_finished()
