@@ -50,12 +50,29 @@ class DynamicLRState(NamedTuple):
     trend: Any = None
 
 
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _concrete(value: Any) -> np.ndarray | None:
-    """Returns ``value`` as a NumPy array, or ``None`` if it is traced."""
+    """Returns ``value`` as the float32 array the rule will compute with.
+
+    Returns ``None`` if it is traced. Checking the float32 value catches numbers
+    that are fine in float64 but overflow, vanish or round to a bound in
+    float32 (a factor of 1 + 1e-9 is exactly 1 in float32).
+    """
     try:
-        return np.asarray(value, dtype=np.float64)
+        as_float64 = np.asarray(value, dtype=np.float64)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
+    with np.errstate(over="ignore", under="ignore"):
+        return as_float64.astype(np.float32)
+
+
+def _is_bad_rate(x: np.ndarray) -> np.ndarray:
+    # Subnormal rates would be flushed to zero on many devices, and a rate of
+    # zero can never grow again.
+    return ~((x >= _FLOAT32_TINY) & (x <= _FLOAT32_MAX))
 
 
 def _check_hyperparameters(
@@ -89,28 +106,31 @@ def _check_hyperparameters(
     def fails(name, condition):
         return known(name) and bool(np.any(condition(values[name])))
 
-    if fails("learning_rate", lambda x: ~(x > 0) | ~np.isfinite(x)):
+    rate_range = f"between {_FLOAT32_TINY:.3g} and {_FLOAT32_MAX:.3g} (float32)"
+    if fails("learning_rate", _is_bad_rate):
         raise ValueError(
-            f"learning_rate must be positive and finite, got {learning_rate}."
+            f"learning_rate must be positive, {rate_range}, got {learning_rate}."
         )
-    if fails("increase_factor", lambda x: ~(x > 1) | ~np.isfinite(x)):
+    if fails("increase_factor", lambda x: ~((x > 1) & np.isfinite(x))):
         raise ValueError(
-            "increase_factor must be a finite number greater than 1 (the rate is "
-            f"multiplied by it when the loss falls), got {increase_factor}."
+            "increase_factor must be a finite number greater than 1 in float32 "
+            "(the rate is multiplied by it when the loss falls), got "
+            f"{increase_factor}."
         )
     if fails("decrease_factor", lambda x: ~((x > 0) & (x < 1))):
         raise ValueError(
-            "decrease_factor must lie strictly between 0 and 1 (the rate is "
-            f"multiplied by it when the loss rises), got {decrease_factor}."
+            "decrease_factor must lie strictly between 0 and 1 in float32 (the "
+            f"rate is multiplied by it when the loss rises), got {decrease_factor}."
         )
-    if fails("min_learning_rate", lambda x: ~(x > 0) | ~np.isfinite(x)):
+    if fails("min_learning_rate", _is_bad_rate):
         raise ValueError(
-            "min_learning_rate must be positive and finite (a rate of zero could "
-            f"never grow again), got {min_learning_rate}."
+            f"min_learning_rate must be positive, {rate_range} (a rate of zero "
+            f"could never grow again), got {min_learning_rate}."
         )
-    if fails("max_learning_rate", lambda x: ~(x > 0) | ~np.isfinite(x)):
+    if fails("max_learning_rate", _is_bad_rate):
         raise ValueError(
-            f"max_learning_rate must be positive and finite, got {max_learning_rate}."
+            f"max_learning_rate must be positive, {rate_range}, got "
+            f"{max_learning_rate}."
         )
     if known("min_learning_rate") and known("max_learning_rate"):
         if np.any(values["min_learning_rate"] > values["max_learning_rate"]):
