@@ -48,9 +48,7 @@ def create_model(key):
 
 
 def read_rate(optimizer):
-    # nnx.Optimizer keeps each state leaf in an nnx variable; [...] reads the
-    # array inside it.
-    return current_learning_rate(optimizer.opt_state)[...]
+    return current_learning_rate(optimizer.opt_state)
 
 
 @nnx.jit

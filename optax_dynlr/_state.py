@@ -3,6 +3,7 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from optax_dynlr._dynamic_lr import DynamicLRState
 
@@ -79,4 +80,6 @@ def current_learning_rate(opt_state: Any) -> jax.Array:
       >>> print(f"{float(current_learning_rate(state)):.3f}")
       0.105
     """
-    return find_dynamic_lr_state(opt_state).learning_rate
+    # asarray unwraps frameworks' variable boxes (Flax NNX keeps each state leaf
+    # in one) and is free on a plain array.
+    return jnp.asarray(find_dynamic_lr_state(opt_state).learning_rate)
