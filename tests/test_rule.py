@@ -186,35 +186,49 @@ def test_traced_starting_rate_outside_the_bounds_is_clipped_by_init():
     np.testing.assert_array_equal(rates, np.array([0.01, 0.5, 1.0], np.float32))
 
 
-def test_max_learning_rate_beyond_float32_is_rejected():
-    # 1e39 is above float32's largest value (about 3.4e38).
-    with pytest.raises(ValueError, match="max_learning_rate"):
-        dynamic_lr(0.1, max_learning_rate=1e39)
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        # Fine in float64, but the rule computes in float32: 1e39 overflows to
+        # inf (float32's largest is about 3.4e38), 1e-40 is subnormal (flushed
+        # to zero on many devices) and 1e-46 rounds to 0, either of which would
+        # let the rate reach inf or 0. 1 + 1e-9 and 1 - 1e-10 round to exactly
+        # 1, and 1e-50 to 0.
+        ({"max_learning_rate": 1e39}, "max_learning_rate"),
+        ({"learning_rate": 1e39, "max_learning_rate": 1e39}, r"\blearning_rate"),
+        ({"min_learning_rate": 1e-40}, "min_learning_rate"),
+        ({"min_learning_rate": 1e-46}, "min_learning_rate"),
+        ({"increase_factor": 1.0 + 1e-9}, "increase_factor"),
+        ({"decrease_factor": 1.0 - 1e-10}, "decrease_factor"),
+        ({"decrease_factor": 1e-50}, "decrease_factor"),
+    ],
+)
+def test_hyperparameters_outside_float32_are_rejected(kwargs, name):
+    kwargs = {"learning_rate": 1e-30, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        dynamic_lr(**kwargs)
 
 
-def test_min_learning_rate_too_small_for_float32_cannot_let_the_rate_die():
-    # 1e-40 is positive but subnormal in float32 (smallest normal about
-    # 1.2e-38); 1e-46 rounds to 0 outright. Either the factory refuses them or
-    # the rate must stay positive, so that a fall can still grow it.
-    for floor in [1e-40, 1e-46]:
-        try:
-            opt = dynamic_lr(1e-30, min_learning_rate=floor)
-        except ValueError as error:
-            assert "min_learning_rate" in str(error)
-            continue
-        # 1e-30 needs about 70 halvings to drop below 1e-51.
-        losses = jnp.arange(80, dtype=jnp.float32)
-        state = _scan_losses(opt, losses, jnp.zeros(1))
-        assert float(state.learning_rate) > 0.0
+def test_smallest_normal_float32_floor_keeps_the_rate_alive():
+    # From 1e-30, 80 rises would halve past float32's subnormals to zero; the
+    # floor at the smallest normal float32 holds, and a fall lifts the rate.
+    tiny = np.finfo(np.float32).tiny
+    opt = dynamic_lr(1e-30, min_learning_rate=tiny)
+    losses = jnp.concatenate([jnp.arange(80, dtype=jnp.float32), jnp.array([-1.0])])
+    rates = _scan_losses(opt, losses, jnp.zeros(1))
+    assert rates[79] == tiny
+    assert rates[80] == tiny * np.float32(1.05)
 
 
 def _scan_losses(opt, losses, params):
+    """The rate after each call, under lax.scan."""
+
     def body(state, loss):
         _, state = opt.update(jnp.ones_like(params), state, params, value=loss)
-        return state, None
+        return state, state.learning_rate
 
-    state, _ = jax.lax.scan(body, opt.init(params), losses)
-    return state
+    _, rates = jax.lax.scan(body, opt.init(params), losses)
+    return np.asarray(rates)
 
 
 # ---------------------------------------------------------------------------
@@ -315,26 +329,32 @@ def test_updates_keep_each_leafs_own_dtype(jit):
         "f16": jnp.zeros(3, jnp.float16),
         "f32": jnp.zeros((), jnp.float32),
     }
+    # Gradients chosen so that rounding the rate 0.105 into the leaf's dtype
+    # before multiplying gives another answer than one rounding of the float32
+    # product: in bf16 2.78125 * 0.105 is 0.29296875, not 0.291015625; in f16
+    # 2.75 * 0.105 is 0.288818359375, not 0.28857421875.
     grads = {
-        "bf16": jnp.full(2, 2.0, jnp.bfloat16),
-        "f16": jnp.full(3, 2.0, jnp.float16),
+        "bf16": jnp.full(2, 2.78125, jnp.bfloat16),
+        "f16": jnp.full(3, 2.75, jnp.float16),
         "f32": jnp.asarray(2.0, jnp.float32),
     }
     _, updates, _, _ = run_losses(dynamic_lr(0.1), [1.0, 0.5], params, grads, jit=jit)
 
-    # Second call: rate 0.105, updates 2 * 0.105 = 0.21 rounded once into each
-    # leaf's dtype from the float32 product.
-    product = np.float32(2.0) * np.float32(0.1) * np.float32(1.05)
+    rate = np.float32(0.1) * np.float32(1.05)
+    expected = {
+        "bf16": 0.29296875,
+        "f16": 0.288818359375,
+        "f32": np.float32(2.0) * rate,
+    }
     for name, dtype in [
         ("bf16", jnp.bfloat16),
         ("f16", jnp.float16),
         ("f32", jnp.float32),
     ]:
         assert updates[1][name].dtype == dtype
-        expected = np.asarray(product).astype(dtype)
         np.testing.assert_array_equal(
-            np.asarray(updates[1][name], np.float32),
-            np.broadcast_to(np.float32(expected), updates[1][name].shape),
+            np.asarray(updates[1][name], np.float64),
+            np.full(updates[1][name].shape, expected[name], np.float64),
         )
 
 
