@@ -1,0 +1,264 @@
+"""The noise-aware decision of :func:`optax_dynlr.dynamic_lr`.
+
+Successive minibatch losses rise about as often as they fall, so comparing one
+loss with the next says nothing about the trend. This module decides from a
+sequential trend test instead, with scalar state only:
+
+* **Trend test.** Losses enter a window as pairs (call number, log loss), fitted
+  by least squares. At window lengths 4, 8, 16, ..., ``MAX_WINDOW`` the slope's
+  t statistic is compared with the one-sided Student-t quantile of a 3-sigma
+  tail for that many degrees of freedom. A significant fall grows the rate, a
+  significant rise cuts it by ``decrease_factor``; reaching ``MAX_WINDOW``
+  without either holds it. Every decision restarts the window. Reading the test
+  only at doubling lengths keeps false alarms rare; the small-sample quantiles
+  keep the shortest windows honest, yet a deterministic loss (full batch), whose
+  residuals are near zero, gives a huge statistic and is decided after four
+  calls.
+* **Growth.** A significant fall multiplies the rate by
+  ``increase_factor ** 4`` (four calls' worth of the plain rule's growth, 1.22
+  with the default 1.05), and a second or later significant fall in a row by
+  ``increase_factor ** 8`` (1.48). A cut or a hold resets the run. Larger steps
+  climbed faster from far too small rates but overshot the edge of stability,
+  which costs far more than it gains.
+* **Level guard.** The first loss, and then the lowest mean of any closed
+  window, is the reference level. A window whose mean log loss is more than
+  ``ln 3`` above it at a checkpoint cuts the rate; the new level then becomes
+  the reference, so a net that stays worse is not cut again and again. This
+  catches a divergence whose losses vary too wildly for the slope to be
+  significant.
+* **Spike guard.** Every call, a log loss above a fast moving average by more
+  than a threshold ``max(ln 1.25, 10 sigma)`` cuts at once, by
+  ``decrease_factor`` once per threshold exceeded, at most three times (sigma
+  from a slow, debiased moving average of squared successive differences). A
+  far too large starting rate is cut after its first step, by up to 8x (the
+  first batches' losses barely differ, so the threshold is ln 1.25); the
+  heavy-tailed single batches of late training, often several times the mean
+  loss, stay under ten sigma, since in a flat stretch nothing would undo a
+  spurious cut. The spike becomes the guard's reference, so only a further
+  rise cuts again.
+
+The test works on ``log(loss)``, so losses must be positive (cross-entropy,
+squared error). A loss of zero or below is read as the smallest positive
+float32, a very large fall.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_FLOAT = jnp.float32
+_INT = jnp.int32
+
+MIN_WINDOW = 4  # the shortest window at which the trend test is read
+MAX_WINDOW = 1024  # a window this long without a significant trend holds the rate
+MAX_DOUBLINGS = 1  # consecutive falls double the growth exponent this many times
+LEVEL_MARGIN = float(np.log(3.0))
+SPIKE_MARGIN = float(np.log(1.25))
+SPIKE_SIGMAS = 10.0
+SPIKE_MAX_CUTS = 3
+FAST_AVERAGE = 0.1  # weight of the newest log loss in the fast average
+SPREAD_AVERAGE = 0.02  # the same for the spread; slow, as tails are heavy
+# A residual spread below this (in log loss, about 8 float32 ulps) is rounding:
+# it keeps a constant loss from giving 0/0 and a tiny drift from looking sure.
+_RESOLUTION = 1e-6
+
+# One-sided Student-t quantiles with the tail of a 3-sigma normal deviate
+# (p = 0.00135), for windows of 4, 8, ..., 1024 points (n - 2 degrees of
+# freedom): scipy.stats.t.isf(scipy.stats.norm.sf(3), n - 2).
+_CRITICAL_T = (19.207, 4.904, 3.636, 3.270, 3.126, 3.061, 3.030, 3.015, 3.007)
+
+
+class TrendState(NamedTuple):
+    """Scalar statistics of recent losses that decide the noise-aware rate.
+
+    Attributes:
+      window_count: int32, number of losses in the current window.
+      window_mean: float32, mean log loss of the window.
+      window_comoment: float32, sum over the window of (call - mean call) *
+        (log loss - mean log loss).
+      window_sum_squares: float32, sum over the window of squared deviations of
+        the log loss from its mean.
+      best_mean: float32, the reference level: the lowest mean log loss of a
+        closed window (or the level accepted after a level cut).
+      has_best: bool, whether ``best_mean`` holds a level yet.
+      fast_mean: float32, fast moving average of the log loss.
+      difference_variance: float32, moving average of half the squared
+        difference of successive log losses, a variance estimate that a trend
+        barely affects.
+      difference_weight: float32, the total weight of ``difference_variance``'s
+        average, which divides it to remove the bias of its zero start.
+      last_log_loss: float32, the previous log loss.
+      has_last: bool, whether a loss has been seen.
+      fall_streak: int32, significant falls in a row.
+    """
+
+    window_count: jax.Array
+    window_mean: jax.Array
+    window_comoment: jax.Array
+    window_sum_squares: jax.Array
+    best_mean: jax.Array
+    has_best: jax.Array
+    fast_mean: jax.Array
+    difference_variance: jax.Array
+    difference_weight: jax.Array
+    last_log_loss: jax.Array
+    has_last: jax.Array
+    fall_streak: jax.Array
+
+
+def init_trend() -> TrendState:
+    zero = jnp.zeros((), _FLOAT)
+    return TrendState(
+        window_count=jnp.zeros((), _INT),
+        window_mean=zero,
+        window_comoment=zero,
+        window_sum_squares=zero,
+        best_mean=zero,
+        has_best=jnp.zeros((), jnp.bool_),
+        fast_mean=zero,
+        difference_variance=zero,
+        difference_weight=zero,
+        last_log_loss=zero,
+        has_last=jnp.zeros((), jnp.bool_),
+        fall_streak=jnp.zeros((), _INT),
+    )
+
+
+def _slope_t_statistic(count, comoment, sum_squares):
+    """t statistic of the least-squares slope of log loss against call number.
+
+    With calls 0..n-1 the centred sum of squares of the call numbers is
+    n (n^2 - 1) / 12; the residual variance has n - 2 degrees of freedom.
+    """
+    n = count.astype(_FLOAT)
+    call_sum_squares = n * (n * n - 1.0) / 12.0
+    safe_call_sum_squares = jnp.maximum(call_sum_squares, 1.0)
+    slope = comoment / safe_call_sum_squares
+    residual = jnp.maximum(sum_squares - comoment * slope, 0.0)
+    residual_variance = jnp.maximum(
+        residual / jnp.maximum(n - 2.0, 1.0), _RESOLUTION * _RESOLUTION
+    )
+    return slope / jnp.sqrt(residual_variance / safe_call_sum_squares)
+
+
+def decide(trend: TrendState, loss, increase_factor, decrease_factor):
+    """Returns the rate multiplier for this call's loss and the new statistics."""
+    loss = jnp.asarray(loss, _FLOAT)
+    increase_factor = jnp.asarray(increase_factor, _FLOAT)
+    decrease_factor = jnp.asarray(decrease_factor, _FLOAT)
+    log_loss = jnp.log(jnp.maximum(loss, jnp.finfo(_FLOAT).tiny))
+
+    # The first loss is the first reference level.
+    trend = trend._replace(
+        best_mean=jnp.where(trend.has_last, trend.best_mean, log_loss),
+        has_best=trend.has_best | ~trend.has_last,
+    )
+
+    # The spike guard reads the averages before this loss enters them.
+    sigma = jnp.sqrt(
+        trend.difference_variance / jnp.maximum(trend.difference_weight, 1e-6)
+    )
+    spike_threshold = jnp.maximum(SPIKE_MARGIN, SPIKE_SIGMAS * sigma)
+    spike = trend.has_last & (log_loss > trend.fast_mean + spike_threshold)
+    fast_mean = jnp.where(
+        trend.has_last,
+        trend.fast_mean + FAST_AVERAGE * (log_loss - trend.fast_mean),
+        log_loss,
+    )
+    step = log_loss - trend.last_log_loss
+    # Debiased like Adam's moments: the weight is what a constant 1 would
+    # average to, so early estimates are not pulled towards the initial zero.
+    difference_variance = jnp.where(
+        trend.has_last,
+        trend.difference_variance
+        + SPREAD_AVERAGE * (0.5 * step * step - trend.difference_variance),
+        trend.difference_variance,
+    )
+    difference_weight = jnp.where(
+        trend.has_last,
+        trend.difference_weight + SPREAD_AVERAGE * (1.0 - trend.difference_weight),
+        trend.difference_weight,
+    )
+    # A spike becomes the guard's reference, so only a further rise cuts again.
+    fast_mean = jnp.where(spike, log_loss, fast_mean)
+
+    # Welford's update of the window's means and co-moments; the call numbers
+    # are 0, 1, ..., so the new one lies (n + 1) / 2 above the old mean call.
+    count = trend.window_count + 1
+    deviation = log_loss - trend.window_mean
+    window_mean = trend.window_mean + deviation / count.astype(_FLOAT)
+    call_deviation = 0.5 * count.astype(_FLOAT)
+    new_deviation = log_loss - window_mean
+    comoment = trend.window_comoment + call_deviation * new_deviation
+    sum_squares = trend.window_sum_squares + deviation * new_deviation
+
+    # Read the test only at window lengths 4, 8, 16, ...
+    is_power_of_two = (count & (count - 1)) == 0
+    checkpoint = (count >= MIN_WINDOW) & is_power_of_two
+    level_index = jnp.clip(
+        jnp.round(jnp.log2(count.astype(_FLOAT))).astype(_INT) - 2,
+        0,
+        len(_CRITICAL_T) - 1,
+    )
+    critical = jnp.asarray(_CRITICAL_T, _FLOAT)[level_index]
+    t_statistic = _slope_t_statistic(count, comoment, sum_squares)
+    fell = checkpoint & (t_statistic < -critical)
+    rose = checkpoint & (t_statistic > critical)
+    level_rose = (
+        checkpoint & trend.has_best & (window_mean > trend.best_mean + LEVEL_MARGIN)
+    )
+    window_full = count >= MAX_WINDOW
+
+    cut = spike | rose | level_rose
+    grow = fell & ~cut
+    closed = checkpoint & (rose | level_rose | fell | window_full)
+    restart = closed | spike
+
+    doubling = jnp.left_shift(
+        jnp.ones((), _INT), jnp.minimum(trend.fall_streak, MAX_DOUBLINGS)
+    )
+    growth = increase_factor ** (MIN_WINDOW * doubling).astype(_FLOAT)
+    one = jnp.ones((), _FLOAT)
+    # A spike cuts once per threshold it exceeds, up to SPIKE_MAX_CUTS times:
+    # the first loss after a step at a far too large rate is many thresholds up.
+    spike_cuts = jnp.clip(
+        jnp.floor((log_loss - trend.fast_mean) / spike_threshold), 1, SPIKE_MAX_CUTS
+    )
+    cuts = jnp.where(spike, spike_cuts, 1.0)
+    multiplier = jnp.where(cut, decrease_factor**cuts, jnp.where(grow, growth, one))
+
+    # A closed window's mean becomes the reference if it is the lowest; after a
+    # level cut the new level is accepted, so that only a further rise cuts.
+    lower_best = jnp.where(
+        trend.has_best, jnp.minimum(trend.best_mean, window_mean), window_mean
+    )
+    best_mean = jnp.where(
+        level_rose,
+        window_mean,
+        jnp.where(closed, lower_best, trend.best_mean),
+    )
+    zero = jnp.zeros((), _FLOAT)
+    new_trend = TrendState(
+        window_count=jnp.where(restart, jnp.zeros((), _INT), count),
+        window_mean=jnp.where(restart, zero, window_mean),
+        window_comoment=jnp.where(restart, zero, comoment),
+        window_sum_squares=jnp.where(restart, zero, sum_squares),
+        best_mean=best_mean,
+        has_best=trend.has_best | closed,
+        fast_mean=fast_mean,
+        difference_variance=difference_variance,
+        difference_weight=difference_weight,
+        last_log_loss=log_loss,
+        has_last=jnp.ones((), jnp.bool_),
+        fall_streak=jnp.where(
+            grow,
+            jnp.minimum(trend.fall_streak + 1, MAX_DOUBLINGS),
+            jnp.where(restart, jnp.zeros((), _INT), trend.fall_streak),
+        ),
+    )
+    new_trend = jax.tree.map(
+        lambda new, old: jnp.asarray(new, old.dtype), new_trend, trend
+    )
+    return multiplier.astype(_FLOAT), new_trend
