@@ -261,7 +261,8 @@ def dynamic_lr(
         parameters to the last accepted point and step from there along the
         last accepted direction with the cut rate. Costs one buffer the size of
         the updates. The remembered loss is then the one at the last accepted
-        point.
+        point. A finite rise while the rate sits at ``min_learning_rate`` is
+        accepted, since a retry could not shorten the step.
       axis_name: if given, the loss is averaged with ``jax.lax.pmean`` over this
         mapped axis before the rule, so that every device of a ``shard_map`` or
         ``pmap`` computation keeps the same rate.
@@ -401,10 +402,13 @@ def dynamic_lr(
         ).astype(_FLOAT)
 
         if reject_steps:
+            # At the floor a retry would land on the very same point, forever
+            # with a deterministic loss; a finite rise there is accepted instead.
+            accept = ~rose | (finite & (rate >= old_rate))
             new_updates, direction, previous = _step_with_rejection(
-                updates, state, rose, loss, rate
+                updates, state, accept, loss, rate
             )
-            rejected = rose & state.has_previous_value
+            rejected = ~accept & state.has_previous_value
         else:
             scaled = _scale_tree(rate, updates)
             new_updates = jax.tree.map(
@@ -435,7 +439,7 @@ def _increment_if(condition: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(condition, optax.safe_increment(count), count)
 
 
-def _step_with_rejection(updates, state, rose, loss, rate):
+def _step_with_rejection(updates, state, accept, loss, rate):
     """Returns the updates, the accepted direction and the remembered loss.
 
     Since the last accepted point the parameters have moved by
@@ -445,8 +449,6 @@ def _step_with_rejection(updates, state, rose, loss, rate):
     Before any accepted point the direction is zero and so is the update.
     """
     old_rate = state.learning_rate
-    accept = ~rose
-
     retry = _scale_tree(rate - old_rate, state.accepted_direction)
     step = _scale_tree(rate, updates)
     new_updates = jax.tree.map(

@@ -202,7 +202,10 @@ def run_rejection(losses, incoming, hyper):
         loss, update_in = inputs
         updates, new_state = opt.update(update_in, state, params, value=loss)
         new_params = optax.apply_updates(params, updates)
-        accepted = new_state.num_rises == state.num_rises
+        # Accepted: finite and not taken back (a rise at the floor is accepted).
+        accepted = (new_state.num_rejections == state.num_rejections) & (
+            new_state.num_nonfinite == state.num_nonfinite
+        )
         return (new_params, new_state), (
             params,
             new_params,

@@ -625,3 +625,26 @@ def test_rejection_tolerated_rise_is_accepted():
     assert int(state.num_rejections) == 0
     assert float(state.previous_value) == f32(1.4)
     assert isinstance(state, DynamicLRState)
+
+
+def test_rejection_at_the_floor_accepts_the_rise_instead_of_stalling():
+    # f(x) = x**2 / 2, gradient x, from x = 1 with the rate already at its floor
+    # of 3: the first step overshoots to x = 1 - 3 = -2 (loss 2 > 0.5). A retry
+    # at the same rate would land on -2 again forever; instead the point is
+    # accepted and the next step goes from -2 to -2 + 3 * 2 = 4 (loss 8), also
+    # accepted, and so on: the parameter keeps moving.
+    opt = optax.chain(
+        dynamic_lr(3.0, min_learning_rate=3.0, reject_steps=True), optax.sgd(1.0)
+    )
+    x = jnp.array(1.0)
+    state = opt.init(x)
+    trajectory = []
+    for _ in range(3):
+        updates, state = opt.update(x, state, x, value=0.5 * x**2)
+        x = optax.apply_updates(x, updates)
+        trajectory.append(float(x))
+    assert trajectory == [-2.0, 4.0, -8.0]
+    dlr = find_dynamic_lr_state(state)
+    assert int(dlr.num_rejections) == 0
+    assert int(dlr.num_rises) == 2
+    assert float(dlr.previous_value) == 8.0
