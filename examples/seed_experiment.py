@@ -100,7 +100,8 @@ def train(optimizer, rate_of, params, data, iterations, chunk_length, target=Non
     Returns ``costs`` and ``rates``: ``costs[k]`` is the cost after ``k``
     iterations (``costs[0]`` at the start) and ``rates[k - 1]`` the rate of
     iteration ``k``. A run that reaches the target stops there, so its last
-    cost is the first one at or below the target.
+    cost is the first one at or below the target. ``opt_state`` is the state
+    at the end of the last chunk run, which may lie past the target.
     """
     inputs, labels = data
     chunk = make_chunk(optimizer, rate_of, inputs, labels, chunk_length)
