@@ -5,6 +5,8 @@ import io
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -25,3 +27,27 @@ def test_quick_start_trains_and_reads_the_rate_back():
     assert loss < 1e-6
     # Losses that keep falling grow the rate from 0.01 by 1.05 per step.
     assert 0.01 < rate <= 0.01 * 1.05**99 * (1 + 1e-5)
+
+
+def test_logging_snippet_returns_one_rate_per_step():
+    logging_snippet = python_blocks()[1]
+    namespace = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(logging_snippet, str(README), "exec"), namespace)
+
+    log = namespace["log"]
+    rates = log["learning_rate"]
+    assert rates.shape == (100,)
+    # The first call leaves 0.1 alone; each later call moves it by one factor.
+    assert float(rates[0]) == pytest.approx(0.1)
+    ratios = rates[1:] / rates[:-1]
+    for ratio in ratios.tolist():
+        assert (
+            ratio == pytest.approx(1.05)
+            or ratio == pytest.approx(0.5)
+            or (ratio == 1.0)
+        )
+    falls = int(log["num_falls"][-1])
+    rises = int(log["num_rises"][-1])
+    assert float(rates[-1]) == pytest.approx(0.1 * 1.05**falls * 0.5**rises, rel=1e-4)
+    assert float(log["loss"][-1]) < float(log["loss"][0])
