@@ -17,9 +17,10 @@ sequential trend test instead, with scalar state only:
 * **Growth.** A significant fall multiplies the rate by
   ``increase_factor ** 4`` (four calls' worth of the plain rule's growth, 1.22
   with the default 1.05), and a second or later significant fall in a row by
-  ``increase_factor ** 8`` (1.48). A cut or a hold resets the run. Larger steps
-  climbed faster from far too small rates but overshot the edge of stability,
-  which costs far more than it gains.
+  ``increase_factor ** 8`` (1.48). A hold resets the run; after a cut the
+  first significant fall earns no growth, since it is mostly the recovery from
+  what was cut. Larger steps climbed faster from far too small rates but
+  overshot the edge of stability, which costs far more than it gains.
 * **Level guard.** The first loss, and then the lowest mean of any closed
   window, is the reference level. A window whose mean log loss is more than
   ``ln 3`` above it at a checkpoint cuts the rate; the new level then becomes
@@ -29,7 +30,8 @@ sequential trend test instead, with scalar state only:
 * **Spike guard.** Every call, a log loss above a fast moving average by more
   than a threshold ``max(ln 1.25, 10 sigma)`` cuts at once, by
   ``decrease_factor`` once per threshold exceeded, at most three times (sigma
-  from a slow, debiased moving average of squared successive differences). A
+  from a slow, debiased moving average of squared successive differences,
+  each clipped at the threshold so that one explosion does not blind it). A
   far too large starting rate is cut after its first step, by up to 8x (the
   first batches' losses barely differ, so the threshold is ln 1.25); the
   heavy-tailed single batches of late training, often several times the mean
@@ -91,7 +93,8 @@ class TrendState(NamedTuple):
         average, which divides it to remove the bias of its zero start.
       last_log_loss: float32, the previous log loss.
       has_last: bool, whether a loss has been seen.
-      fall_streak: int32, significant falls in a row.
+      fall_streak: int32, significant falls in a row; -1 after a cut, until
+        the next decision.
     """
 
     window_count: jax.Array
@@ -167,7 +170,9 @@ def decide(trend: TrendState, loss, increase_factor, decrease_factor):
         trend.fast_mean + FAST_AVERAGE * (log_loss - trend.fast_mean),
         log_loss,
     )
-    step = log_loss - trend.last_log_loss
+    # A jump enters the spread only up to the threshold: otherwise one
+    # explosion would blind the guard to the next for a long while.
+    step = jnp.minimum(jnp.abs(log_loss - trend.last_log_loss), spike_threshold)
     # Debiased like Adam's moments: the weight is what a constant 1 would
     # average to, so early estimates are not pulled towards the initial zero.
     difference_variance = jnp.where(
@@ -216,10 +221,13 @@ def decide(trend: TrendState, loss, increase_factor, decrease_factor):
     closed = checkpoint & (rose | level_rose | fell | window_full)
     restart = closed | spike
 
+    # The first fall after a cut is mostly the recovery from what was cut, so
+    # it earns no growth (streak -1); later ones grow as usual.
     doubling = jnp.left_shift(
-        jnp.ones((), _INT), jnp.minimum(trend.fall_streak, MAX_DOUBLINGS)
+        jnp.ones((), _INT), jnp.clip(trend.fall_streak, 0, MAX_DOUBLINGS)
     )
-    growth = increase_factor ** (MIN_WINDOW * doubling).astype(_FLOAT)
+    exponent = jnp.where(trend.fall_streak < 0, 0, MIN_WINDOW * doubling)
+    growth = increase_factor ** exponent.astype(_FLOAT)
     one = jnp.ones((), _FLOAT)
     # A spike cuts once per threshold it exceeds, up to SPIKE_MAX_CUTS times:
     # the first loss after a step at a far too large rate is many thresholds up.
@@ -255,7 +263,11 @@ def decide(trend: TrendState, loss, increase_factor, decrease_factor):
         fall_streak=jnp.where(
             grow,
             jnp.minimum(trend.fall_streak + 1, MAX_DOUBLINGS),
-            jnp.where(restart, jnp.zeros((), _INT), trend.fall_streak),
+            jnp.where(
+                cut,
+                -jnp.ones((), _INT),
+                jnp.where(restart, jnp.zeros((), _INT), trend.fall_streak),
+            ),
         ),
     )
     new_trend = jax.tree.map(
