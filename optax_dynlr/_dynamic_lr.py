@@ -263,6 +263,22 @@ def dynamic_lr(
         the updates. The remembered loss is then the one at the last accepted
         point. A finite rise while the rate sits at ``min_learning_rate`` is
         accepted, since a retry could not shorten the step.
+      noise_aware: if true, decide from the trend of recent losses instead of
+        comparing each loss with the previous one, for minibatch (noisy) losses.
+        The log loss is fitted by least squares over a window that restarts
+        after every decision and is tested at 4, 8, ..., 1024 calls. A
+        significant fall multiplies the rate by ``increase_factor ** 4``
+        (``** 8`` for the second and later in a row; none for the first fall
+        after a cut). A significant rise, a window mean three times the best
+        earlier level, or a non-finite loss multiplies it by
+        ``decrease_factor``. A single loss far above the recent ones
+        (``max(ln 1.25, 10 sigma)``) does too, up to ``decrease_factor ** 3``.
+        Otherwise the rate is held. The extra state is a few scalars
+        (``DynamicLRState.trend``); ``rtol`` and ``atol`` are ignored. With
+        ``optax.MultiSteps``, pass the mean loss of the micro-batches
+        accumulated so far: on the step that emits, that is the loss of the
+        whole batch, and MultiSteps keeps this transform's state only from that
+        step. See the warnings below for what it does not yet do well.
       axis_name: if given, the loss is averaged with ``jax.lax.pmean`` over this
         mapped axis before the rule, so that every device of a ``shard_map`` or
         ``pmap`` computation keeps the same rate.
@@ -305,6 +321,16 @@ def dynamic_lr(
       rise about as often as they fall, a small increase against a sharp
       decrease drives the rate to ``min_learning_rate``. Feed it full-batch
       losses, or average the loss over many steps before passing it.
+
+    .. warning::
+      ``noise_aware=True`` is a first version. It needs positive losses (a loss
+      of zero or below reads as a fall). It never drove the rate to its floor in
+      our minibatch benchmarks, but from small starting rates it can climb
+      slowly (on a logistic regression it never reached the target from 1e-3),
+      it can grow the rate past the edge of stability of a network that cannot
+      survive one divergent step (a small tanh CNN broke from starts of 0.1 and
+      above), and on full-batch losses it is far slower than the plain rule:
+      keep it off there.
 
     .. warning::
       The gradients are not checked: a finite loss with nan gradients passes
