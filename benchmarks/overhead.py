@@ -78,16 +78,27 @@ def _programs(opt, sizes):
     }, state
 
 
+def _peak(memory) -> int:
+    """Bytes live at once: arguments and outputs (less those aliased) and temps."""
+    return (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+
+
 def _compile(function, arguments):
     started = time.perf_counter()
     compiled = jax.jit(function).lower(*arguments).compile()
     return compiled, time.perf_counter() - started
 
 
-def measure(sizes, *, compile_repeats: int, seconds_per_variant: float) -> dict:
+def measure(sizes, *, compile_repeats: int, seconds: float) -> dict:
     """Times, memory and compile times of every variant for one model size."""
     results = {name: {} for name in VARIANTS}
     compiled = {}
+    program_memory = {}
     for name, make in VARIANTS.items():
         programs, state = _programs(make(), sizes)
         results[name]["state_bytes"] = _tree_bytes(state)
@@ -95,6 +106,8 @@ def measure(sizes, *, compile_repeats: int, seconds_per_variant: float) -> dict:
             program, seconds = _compile(function, arguments)
             jax.block_until_ready(program(*arguments))
             memory = program.memory_analysis()
+            if kind == "step":
+                program_memory[name] = memory
             results[name][kind] = {
                 "temp": memory.temp_size_in_bytes,
                 "argument": memory.argument_size_in_bytes,
@@ -106,6 +119,17 @@ def measure(sizes, *, compile_repeats: int, seconds_per_variant: float) -> dict:
             }
             compiled[name, kind] = (program, arguments)
 
+        # A training loop would donate the parameters and the state, so that
+        # the new ones can take the old ones' place.
+        function, arguments = programs["step"]
+        donated = jax.jit(function, donate_argnums=(0, 1)).lower(*arguments)
+        memory = donated.compile().memory_analysis()
+        results[name]["donated"] = {
+            "temp": memory.temp_size_in_bytes,
+            "peak": _peak(memory),
+        }
+        results[name]["step"]["peak"] = _peak(program_memory[name])
+
     # Compile times, interleaved; the caches are cleared so that each one is a
     # real compilation.
     for _ in range(compile_repeats):
@@ -116,17 +140,16 @@ def measure(sizes, *, compile_repeats: int, seconds_per_variant: float) -> dict:
                 _, seconds = _compile(function, arguments)
                 results[name][kind]["compile"].append(seconds)
 
-    # Enough rounds for about seconds_per_variant of each variant's time.
-    program, arguments = compiled[BASELINE, "step"]
+    # Rounds for about `seconds` (at least ten), each calling every program
+    # once, in turn.
     started = time.perf_counter()
-    jax.block_until_ready(program(*arguments))
-    estimate = time.perf_counter() - started
-    rounds = int(np.clip(seconds_per_variant / max(estimate, 1e-6), 10, 2000))
-    for _ in range(rounds):
+    rounds = 0
+    while rounds < 10 or (time.perf_counter() - started < seconds and rounds < 5000):
         for (name, kind), (program, arguments) in compiled.items():
-            started = time.perf_counter()
+            call_started = time.perf_counter()
             jax.block_until_ready(program(*arguments))
-            results[name][kind]["times"].append(time.perf_counter() - started)
+            results[name][kind]["times"].append(time.perf_counter() - call_started)
+        rounds += 1
 
     for name in VARIANTS:
         for kind in KINDS:
@@ -184,7 +207,7 @@ def run(quick: bool, out_dir: Path) -> str:
     out_dir = Path(out_dir)
     sizes_by_label = QUICK_SIZES if quick else FULL_SIZES
     compile_repeats = 0 if quick else 3
-    seconds_per_variant = 0.2 if quick else 4.0
+    seconds = 1.0 if quick else 60.0
 
     all_results = {}
     for label, sizes in sizes_by_label.items():
@@ -192,7 +215,7 @@ def run(quick: bool, out_dir: Path) -> str:
         all_results[label] = measure(
             sizes,
             compile_repeats=compile_repeats,
-            seconds_per_variant=seconds_per_variant,
+            seconds=seconds,
         )
 
     time_rows, memory_rows, absolute_rows = [], [], []
@@ -212,10 +235,13 @@ def run(quick: bool, out_dir: Path) -> str:
                     f"| {ratio('step', 'compile_median', 2)} | "
                     f"{ratio('update', 'compile_median', 2)} |"
                 )
+            donated = entry["donated"]
             memory_rows.append(
                 f"| {count:,} | {name} | {_megabytes(entry['state_bytes'])} | "
-                f"{_megabytes(step['temp'])} | {_megabytes(step['argument'])} | "
-                f"{_megabytes(step['output'])} | {_megabytes(update['temp'])} |"
+                f"{_megabytes(step['argument'])} | {_megabytes(step['output'])} | "
+                f"{_megabytes(step['temp'])} | {_megabytes(step['peak'])} | "
+                f"{_megabytes(donated['temp'])} | {_megabytes(donated['peak'])} | "
+                f"{_megabytes(update['temp'])} |"
             )
             absolute_rows.append(
                 f"| {count:,} | {name} | {step['median'] * 1e3:.3f} | "
@@ -238,11 +264,14 @@ def run(quick: bool, out_dir: Path) -> str:
         "|---|---|---|---|---|---|---|",
         *time_rows,
         "",
-        "Memory (MiB; XLA's `memory_analysis()` of the compiled programs):",
+        "Memory (MiB; XLA's `memory_analysis()` of the compiled programs; "
+        "peak = arguments + outputs - aliased + temporaries; 'donated' compiles "
+        "the step with the parameters and state donated, as a training loop "
+        "would):",
         "",
-        "| parameters | variant | optimizer state | step temp | step arguments "
-        "| step outputs | update temp |",
-        "|---|---|---|---|---|---|---|",
+        "| parameters | variant | optimizer state | step arguments | step outputs "
+        "| step temp | step peak | donated temp | donated peak | update temp |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *memory_rows,
         "",
         absolute_note,

@@ -136,7 +136,7 @@ def test_overhead_quick_tables_and_plot(tmp_path):
     ]
     memory_rows = _table_after(section, "Memory (MiB;")
     assert len(memory_rows) == 6
-    assert all(len(row) == 7 for row in memory_rows)
+    assert all(len(row) == 10 for row in memory_rows)
     absolute_rows = _table_after(section, "Absolute medians")
     assert len(absolute_rows) == 6
 
