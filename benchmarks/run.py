@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _common  # noqa: E402
 
 # Module names, in the order their sections appear in RESULTS.md.
-BENCHMARKS = ["rejection", "minibatch", "peers", "overhead"]
+BENCHMARKS = ["rejection", "factors", "minibatch", "peers", "overhead"]
 
 
 def assemble_results() -> Path:
