@@ -71,7 +71,8 @@ def current_learning_rate(opt_state: Any) -> jax.Array:
       >>> import optax
       >>> from optax_dynlr import current_learning_rate, dynamic_lr
       >>> opt = optax.chain(
-      ...     dynamic_lr(0.1), optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+      ...     dynamic_lr(0.1, increase_factor=1.05),
+      ...     optax.inject_hyperparams(optax.sgd)(learning_rate=1.0),
       ... )
       >>> params = jnp.zeros(3)
       >>> state = opt.init(params)

@@ -42,17 +42,17 @@ def test_seed_experiment_quick_run_reports_the_runs_it_recorded(tmp_path, capsys
     )
 
     # Replay the rule on the recorded costs: iteration k sees the cost after
-    # k - 1 updates, keeps 0.02 on the first call, then multiplies by 1.05
-    # after a fall and 0.5 after a rise, in float32 like the transform.
+    # k - 1 updates, keeps 0.02 on the first call, then multiplies by 1.1
+    # after a fall and 0.3 after a rise (the defaults), in float32 like the transform.
     rate = np.float32(0.02)
     expected = [rate]
     for previous, value in zip(
         dynamic["costs"][:-2], dynamic["costs"][1:-1], strict=True
     ):
         if value < previous:
-            rate = rate * np.float32(1.05)
+            rate = rate * np.float32(1.1)
         elif value > previous:
-            rate = rate * np.float32(0.5)
+            rate = rate * np.float32(0.3)
         expected.append(rate)
     np.testing.assert_allclose(dynamic["rates"], expected, rtol=1e-6)
 

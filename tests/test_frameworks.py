@@ -28,7 +28,7 @@ def load_example(name):
     return module
 
 
-def rates_by_rule(losses, start_rate, increase=1.05, decrease=0.5):
+def rates_by_rule(losses, start_rate, increase=1.1, decrease=0.3):
     """The rate after each loss, by the rule written out in float32 NumPy."""
     rate = np.float32(start_rate)
     previous = None
@@ -170,7 +170,10 @@ def test_logging_rate_and_counts_as_scan_outputs(reject_steps):
 
     # The snippet: the rate and the counts leave the jitted scan as its
     # outputs, one row per step, with no transfer to the host inside the loop.
-    optimizer = optax.chain(dynamic_lr(0.9, reject_steps=reject_steps), optax.sgd(1.0))
+    rule = dynamic_lr(
+        0.9, increase_factor=1.05, decrease_factor=0.5, reject_steps=reject_steps
+    )
+    optimizer = optax.chain(rule, optax.sgd(1.0))
     opt_state = optimizer.init(params)
 
     @jax.jit

@@ -10,9 +10,41 @@ import pytest
 from optax_dynlr import (
     DynamicLRState,
     current_learning_rate,
-    dynamic_lr,
     find_dynamic_lr_state,
 )
+from optax_dynlr import (
+    dynamic_lr as dynamic_lr_with_package_defaults,
+)
+
+
+# The hand-worked numbers in this file use the worked example's factors, 1.05
+# and 0.5, rather than the package defaults.
+def dynamic_lr(
+    learning_rate,
+    increase_factor=1.05,
+    decrease_factor=0.5,
+    min_learning_rate=1e-10,
+    max_learning_rate=1e10,
+    rtol=0.0,
+    atol=0.0,
+    *,
+    reject_steps=False,
+    noise_aware=False,
+    axis_name=None,
+):
+    return dynamic_lr_with_package_defaults(
+        learning_rate,
+        increase_factor,
+        decrease_factor,
+        min_learning_rate,
+        max_learning_rate,
+        rtol,
+        atol,
+        reject_steps=reject_steps,
+        noise_aware=noise_aware,
+        axis_name=axis_name,
+    )
+
 
 NAN = float("nan")
 INF = float("inf")
@@ -648,3 +680,15 @@ def test_rejection_at_the_floor_accepts_the_rise_instead_of_stalling():
     assert int(dlr.num_rejections) == 0
     assert int(dlr.num_rises) == 2
     assert float(dlr.previous_value) == 8.0
+
+
+def test_default_factors_are_1_1_and_0_3():
+    # Losses 1.0, 0.9, 1.2 from 0.1: kept, then 0.1 * 1.1 = 0.11, then
+    # 0.11 * 0.3 = 0.033.
+    opt = dynamic_lr_with_package_defaults(0.1)
+    state = opt.init(jnp.zeros(1))
+    rates = []
+    for loss in [1.0, 0.9, 1.2]:
+        _, state = opt.update(jnp.ones(1), state, value=loss)
+        rates.append(float(state.learning_rate))
+    np.testing.assert_allclose(rates, [0.1, 0.11, 0.033], rtol=1e-6)
