@@ -52,19 +52,33 @@ class DynamicLRState(NamedTuple):
 
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The starting rate used when a traced starting rate and bounds give none.
+_SAFE_START = 1e-3
 
 
-def _concrete(value: Any) -> np.ndarray | None:
+def _concrete(name: str, value: Any) -> np.ndarray | None:
     """Returns ``value`` as the float32 array the rule will compute with.
 
     Returns ``None`` if it is traced. Checking the float32 value catches numbers
     that are fine in float64 but overflow, vanish or round to a bound in
     float32 (a factor of 1 + 1e-9 is exactly 1 in float32).
     """
-    try:
-        as_float64 = np.asarray(value, dtype=np.float64)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    if isinstance(value, jax.core.Tracer):
         return None
+    if callable(value):
+        raise TypeError(
+            f"{name} must be a number, got the callable {value!r}. dynamic_lr "
+            "chooses the rate itself from the losses, so it takes no schedule."
+        )
+    kind = np.asarray(value).dtype
+    if not (jnp.issubdtype(kind, jnp.floating) or jnp.issubdtype(kind, jnp.integer)):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    as_float64 = np.asarray(value, dtype=np.float64)
+    if as_float64.shape != ():
+        raise ValueError(
+            f"{name} must be a scalar, got an array of shape {as_float64.shape}. "
+            "To train several models with their own rates, use jax.vmap."
+        )
     with np.errstate(over="ignore", under="ignore"):
         return as_float64.astype(np.float32)
 
@@ -91,13 +105,13 @@ def _check_hyperparameters(
     ``init`` clips a traced starting rate into the bounds.
     """
     values = {
-        "learning_rate": _concrete(learning_rate),
-        "increase_factor": _concrete(increase_factor),
-        "decrease_factor": _concrete(decrease_factor),
-        "min_learning_rate": _concrete(min_learning_rate),
-        "max_learning_rate": _concrete(max_learning_rate),
-        "rtol": _concrete(rtol),
-        "atol": _concrete(atol),
+        "learning_rate": _concrete("learning_rate", learning_rate),
+        "increase_factor": _concrete("increase_factor", increase_factor),
+        "decrease_factor": _concrete("decrease_factor", decrease_factor),
+        "min_learning_rate": _concrete("min_learning_rate", min_learning_rate),
+        "max_learning_rate": _concrete("max_learning_rate", max_learning_rate),
+        "rtol": _concrete("rtol", rtol),
+        "atol": _concrete("atol", atol),
     }
 
     def known(name):
@@ -166,7 +180,12 @@ def _loss_as_float32(value: Any) -> jax.Array:
             "update(updates, state, params, value=loss). The loss must be a "
             "scalar, for example the mean loss of the batch."
         )
-    value = jnp.asarray(value)
+    try:
+        value = jnp.asarray(value)
+    except TypeError as error:
+        raise TypeError(
+            f"dynamic_lr needs a real scalar loss as value=loss, got {value!r}."
+        ) from error
     if value.shape != ():
         raise ValueError(
             "dynamic_lr needs a scalar loss as value=loss, got an array of shape "
@@ -193,6 +212,12 @@ def _scale_tree(scale: jax.Array, tree: Any) -> Any:
     def scale_leaf(leaf):
         if leaf is None:
             return None
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise TypeError(
+                "dynamic_lr scales floating-point updates; got a leaf of dtype "
+                f"{leaf.dtype}, whose scaled updates would round to integers. "
+                "Keep trainable parameters in a floating-point dtype."
+            )
         compute_dtype = jnp.promote_types(leaf.dtype, _FLOAT)
         product = leaf.astype(compute_dtype) * scale.astype(compute_dtype)
         return product.astype(leaf.dtype)
@@ -349,6 +374,9 @@ def dynamic_lr(
       the parameters still return to the last accepted point, but those
       optimizers' own state has already absorbed the rejected gradient.
     """
+    for name, flag in [("reject_steps", reject_steps), ("noise_aware", noise_aware)]:
+        if not isinstance(flag, bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, got {flag!r}.")
     if increase_factor is None:
         increase_factor = 1.05 if noise_aware else 1.1
     if decrease_factor is None:
@@ -372,10 +400,11 @@ def dynamic_lr(
         from optax_dynlr import _noise_aware
 
     def init_fn(params) -> DynamicLRState:
-        rate = jnp.clip(
+        rate = _within_bounds(
             as_float(learning_rate),
             as_float(min_learning_rate),
             as_float(max_learning_rate),
+            fallback=jnp.asarray(_SAFE_START, _FLOAT),
         )
         zero = jnp.zeros((), _COUNT)
         direction = None
@@ -405,7 +434,12 @@ def dynamic_lr(
 
         previous = state.previous_value
         finite = jnp.isfinite(loss)
-        threshold = previous + as_float(atol) + as_float(rtol) * jnp.abs(previous)
+        # Traced tolerances are not checked at construction; a negative one
+        # would turn equal losses into rises.
+        tolerance = jnp.maximum(as_float(atol), 0) + jnp.maximum(
+            as_float(rtol), 0
+        ) * jnp.abs(previous)
+        threshold = previous + tolerance
         fell = finite & state.has_previous_value & (loss < previous)
         rose = ~finite | (state.has_previous_value & (loss > threshold))
 
@@ -431,11 +465,19 @@ def dynamic_lr(
                 jnp.where(fell, as_float(increase_factor), jnp.ones((), _FLOAT)),
             )
             trend = None
-        rate = jnp.clip(
+        # Traced factors are not checked at construction: whatever their value,
+        # a fall never shrinks the rate and a rise never grows it.
+        multiplier = jnp.where(
+            fell,
+            jnp.maximum(multiplier, 1),
+            jnp.where(rose, jnp.minimum(multiplier, 1), multiplier),
+        )
+        rate = _within_bounds(
             old_rate * multiplier,
             as_float(min_learning_rate),
             as_float(max_learning_rate),
-        ).astype(_FLOAT)
+            fallback=old_rate,
+        )
 
         if reject_steps:
             # At the floor a retry would land on the very same point, forever
@@ -469,6 +511,17 @@ def dynamic_lr(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _within_bounds(rate, min_rate, max_rate, fallback):
+    """Clips the rate into its bounds, falling back where that gives no rate.
+
+    Only traced hyperparameters (nan, non-positive or crossed bounds) can get
+    here without a ValueError; the fallback keeps the state finite and positive.
+    """
+    clipped = jnp.clip(rate, min_rate, max_rate)
+    usable = jnp.isfinite(clipped) & (clipped > 0)
+    return jnp.where(usable, clipped, fallback).astype(_FLOAT)
 
 
 def _increment_if(condition: jax.Array, count: jax.Array) -> jax.Array:

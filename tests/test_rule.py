@@ -692,3 +692,80 @@ def test_default_factors_are_1_1_and_0_3():
         _, state = opt.update(jnp.ones(1), state, value=loss)
         rates.append(float(state.learning_rate))
     np.testing.assert_allclose(rates, [0.1, 0.11, 0.033], rtol=1e-6)
+
+
+def _rates_with_traced_hyperparameters(losses, **hyperparameters):
+    opt = optax.inject_hyperparams(dynamic_lr_with_package_defaults)(**hyperparameters)
+    params = jnp.zeros(2)
+    state = jax.jit(opt.init)(params)
+    update = jax.jit(lambda s, v: opt.update(jnp.ones(2), s, params, value=v))
+    rates = []
+    for loss in losses:
+        _, state = update(state, loss)
+        rates.append(float(current_learning_rate(state)))
+    return rates
+
+
+@pytest.mark.parametrize(
+    "hyperparameters, expected",
+    [
+        # A nan increase factor cannot grow the rate: the falls keep it, the
+        # rise cuts it by the default 0.3.
+        (dict(increase_factor=NAN), [0.1, 0.1, 0.03, 0.03, 0.009]),
+        # An inverted increase factor (0.5) must not shrink on a fall.
+        (dict(increase_factor=0.5), [0.1, 0.1, 0.03, 0.03, 0.009]),
+        # A nan decrease factor cannot cut: rises keep the rate; the nan loss
+        # too.
+        (dict(decrease_factor=NAN), [0.1, 0.11, 0.11, 0.121, 0.121]),
+        # A negative tolerance is read as zero.
+        (dict(atol=-1.0), [0.1, 0.11, 0.033, 0.0363, 0.01089]),
+    ],
+)
+def test_traced_nonsense_hyperparameters_keep_the_rule_sane(hyperparameters, expected):
+    rates = _rates_with_traced_hyperparameters(
+        [1.0, 0.9, 1.2, 0.8, NAN], learning_rate=0.1, **hyperparameters
+    )
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+
+
+def test_traced_nan_starting_rate_or_bounds_never_give_a_nan_rate():
+    # No usable rate from the arguments: the state falls back to 1e-3.
+    for hyperparameters in [
+        dict(learning_rate=NAN),
+        dict(learning_rate=0.1, min_learning_rate=NAN),
+    ]:
+        rates = _rates_with_traced_hyperparameters([1.0, 0.9], **hyperparameters)
+        assert all(np.isfinite(rates)) and all(r > 0 for r in rates)
+    starts = jax.vmap(
+        lambda lr: dynamic_lr_with_package_defaults(lr).init(jnp.zeros(1)).learning_rate
+    )(jnp.array([NAN, 0.1, -1.0]))
+    np.testing.assert_allclose(starts, [1e-3, 0.1, 1e-10], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        (dict(learning_rate="abc"), TypeError, "learning_rate must be a real number"),
+        (dict(learning_rate="0.1"), TypeError, "learning_rate must be a real number"),
+        (dict(learning_rate=0.1 + 0j), TypeError, "learning_rate must be a real"),
+        (
+            dict(learning_rate=optax.constant_schedule(0.1)),
+            TypeError,
+            "takes no schedule",
+        ),
+        (dict(learning_rate=[0.1, 0.2]), ValueError, "learning_rate must be a scalar"),
+        (dict(learning_rate=0.1, reject_steps="yes"), TypeError, "reject_steps"),
+        (dict(learning_rate=0.1, noise_aware=1), TypeError, "noise_aware"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_are_named(arguments, error, message):
+    with pytest.raises(error, match=message):
+        dynamic_lr_with_package_defaults(**arguments)
+
+
+def test_integer_parameters_and_string_losses_are_refused_clearly():
+    opt = dynamic_lr(0.1)
+    with pytest.raises(TypeError, match="floating-point"):
+        opt.update(jnp.ones(2, jnp.int32), opt.init(jnp.ones(2, jnp.int32)), value=1.0)
+    with pytest.raises(TypeError, match="value=loss"):
+        opt.update(jnp.ones(2), opt.init(jnp.ones(2)), value="0.5")
