@@ -16,7 +16,7 @@ descent, all three from the same initial weights:
 
 The baselines stop early once they reach the dynamic run's final cost.
 
-    python examples/seed_experiment.py                 # the full run, about a minute
+    python examples/seed_experiment.py                 # the full run, 1-2 minutes
     python examples/seed_experiment.py --quick         # 300 / 3,000 iterations
     python examples/seed_experiment.py --plot out.png
 
@@ -291,6 +291,12 @@ def report(results):
     for name, steps in results["dynamic_steps_to_baseline_final"].items():
         reached = f"{steps:,}" if steps is not None else "never"
         print(f"  {name:<16} {reached}")
+    decreasing_rates = np.asarray(runs["decreasing only"]["rates"])
+    if np.all(decreasing_rates == decreasing_rates[0]):
+        print(
+            "the decreasing-only rule never cut its rate: the cost fell at every "
+            "iteration, so it ran exactly as the static rate"
+        )
     print(f"training took {results['seconds']:.1f} s")
 
 
