@@ -769,7 +769,7 @@ def _plot(tasks, starts, results, bests, out_dir: Path) -> Path:
         axis.set_xlabel("starting learning rate")
         axis.set_ylabel(f"steps to full training loss <= {task.target}")
         axis.set_title(task.name)
-        axis.legend(fontsize=8, loc="lower left")
+        axis.legend(fontsize=8, loc="center left")
     figure.suptitle(
         "Steps to target against the starting rate "
         f"(median, band: min-max of {len(results[0]['steps_rejection'])} seeds)"
