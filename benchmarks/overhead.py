@@ -103,7 +103,7 @@ def measure(sizes, *, compile_repeats: int, seconds: float) -> dict:
         programs, state = _programs(make(), sizes)
         results[name]["state_bytes"] = _tree_bytes(state)
         for kind, (function, arguments) in programs.items():
-            program, seconds = _compile(function, arguments)
+            program, compile_seconds = _compile(function, arguments)
             jax.block_until_ready(program(*arguments))
             memory = program.memory_analysis()
             if kind == "step":
@@ -115,7 +115,7 @@ def measure(sizes, *, compile_repeats: int, seconds: float) -> dict:
                 "times": [],
                 # The first compilation counts only when there are no repeats:
                 # it may include one-off work shared by all variants.
-                "compile": [] if compile_repeats else [seconds],
+                "compile": [] if compile_repeats else [compile_seconds],
             }
             compiled[name, kind] = (program, arguments)
 
@@ -137,8 +137,8 @@ def measure(sizes, *, compile_repeats: int, seconds: float) -> dict:
             programs, _ = _programs(make(), sizes)
             for kind, (function, arguments) in programs.items():
                 jax.clear_caches()
-                _, seconds = _compile(function, arguments)
-                results[name][kind]["compile"].append(seconds)
+                _, compile_seconds = _compile(function, arguments)
+                results[name][kind]["compile"].append(compile_seconds)
 
     # Rounds for about `seconds` (at least ten), each calling every program
     # once, in turn.
