@@ -141,11 +141,15 @@ def measure(sizes, *, compile_repeats: int, seconds: float) -> dict:
                 results[name][kind]["compile"].append(compile_seconds)
 
     # Rounds for about `seconds` (at least ten), each calling every program
-    # once, in turn.
+    # once, in an order shuffled afresh each round: in a fixed order, each
+    # program would always follow the same one and inherit its cache state.
+    order = np.random.default_rng(0)
+    programs_in_turn = list(compiled.items())
     started = time.perf_counter()
     rounds = 0
     while rounds < 10 or (time.perf_counter() - started < seconds and rounds < 5000):
-        for (name, kind), (program, arguments) in compiled.items():
+        for index in order.permutation(len(programs_in_turn)):
+            (name, kind), (program, arguments) = programs_in_turn[index]
             call_started = time.perf_counter()
             jax.block_until_ready(program(*arguments))
             results[name][kind]["times"].append(time.perf_counter() - call_started)
@@ -294,9 +298,9 @@ def run(quick: bool, out_dir: Path) -> str:
         "alone on fixed gradients, one per call or "
         f"{SCANNED_UPDATES} in one `lax.scan` (which leaves out the cost of "
         "passing the state's scalars in and out of each call). Time and compile "
-        f"time are ratios to `{BASELINE}`: medians of per-call times with every "
-        "program "
-        "called in turn (A, B, C, A, B, C, ...) from the same inputs, without "
+        f"time are ratios to `{BASELINE}`: medians of per-call times, every "
+        "program called once per round in a freshly shuffled order, from the "
+        "same inputs, without "
         "buffer donation; compile ratios are medians of "
         f"{max(compile_repeats, 1)} lower-and-compile timings after clearing "
         "JAX's caches.",
