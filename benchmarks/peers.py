@@ -24,7 +24,7 @@ import optax
 from optax import contrib
 
 from benchmarks import _common
-from optax_dynlr import dynamic_lr
+from optax_dynlr import current_learning_rate, dynamic_lr
 
 SEEDS = (0, 1, 2)
 START_RATE = 0.1  # the starting rate of the SGD-based methods in the tables
@@ -265,6 +265,21 @@ def noise_aware_available() -> tuple[bool, str]:
     except Exception as error:  # noqa: BLE001 - any failure means "not usable"
         return False, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
     return True, ""
+
+
+def default_factors(**options) -> tuple[float, float]:
+    """The increase and decrease factors ``dynamic_lr`` uses by default.
+
+    Read from the rule itself: a fall multiplies the rate by the one, a rise
+    by the other.
+    """
+    opt = dynamic_lr(1.0, **options)
+    state = opt.init(jnp.zeros(1))
+    rates = []
+    for loss in (1.0, 0.5, 1.0):
+        _, state = opt.update(jnp.zeros(1), state, value=loss)
+        rates.append(float(current_learning_rate(state)))
+    return rates[1] / rates[0], rates[2] / rates[1]
 
 
 def make_methods(include_noise_aware: bool) -> list[Method]:
@@ -970,6 +985,11 @@ def run(quick: bool, out_dir: Path) -> str:
     _plot_curves(tasks, results, out_dir / "peers_curves.png")
     elapsed = time.perf_counter() - started
 
+    increase, decrease = default_factors()
+    factors_note = (
+        f"dynamic_lr's default factors in this run: x{increase:.3g} after a "
+        f"fall, x{decrease:.3g} after a rise."
+    )
     noise_note = (
         "The noise-aware form (`dynamic_lr(0.1, noise_aware=True)`) ran."
         if available
@@ -1008,7 +1028,8 @@ def run(quick: bool, out_dir: Path) -> str:
         "(median steps x seconds per step) over the same for the best constant "
         f"SGD; seconds per step are the median of {timing_repeats} timings, "
         "interleaved across methods, of a jitted scan of "
-        f"{timing_steps} steps from the initial point. {noise_note}",
+        f"{timing_steps} steps from the initial point. {factors_note} "
+        f"{noise_note}",
         "",
         "Targets were chosen with a probe run so that the best constant SGD "
         "needs a few hundred steps or more. The linear-regression targets are "
