@@ -18,7 +18,7 @@ import optax
 from jax import lax
 
 from benchmarks import _common
-from optax_dynlr import dynamic_lr
+from optax_dynlr import current_learning_rate, dynamic_lr
 
 STARTS = tuple(10.0**k for k in range(-4, 5))
 SEEDS = (0, 1, 2)
@@ -198,12 +198,30 @@ def _dynamic_run(task: Task, params, start, steps: int, reject: bool):
     return record
 
 
+def default_factors() -> tuple[float, float]:
+    """The increase and decrease factors dynamic_lr uses by default.
+
+    Read off three calls (losses 1, 0.5, 1: hold, fall, rise), so that the
+    reference below follows the transform's defaults.
+    """
+    opt = dynamic_lr(1.0)
+    rates = []
+    # Concrete even when called while a run is being traced.
+    with jax.ensure_compile_time_eval():
+        state = opt.init(jnp.zeros(()))
+        for loss in (1.0, 0.5, 1.0):
+            _, state = opt.update(jnp.zeros(()), state, value=loss)
+            rates.append(float(current_learning_rate(state)))
+    return round(rates[1] / rates[0], 6), round(rates[2] / rates[1], 6)
+
+
 def _ideal_rejection_run(task: Task, params, start, steps: int):
     """The same rule as ``dynamic_lr(start, reject_steps=True)`` before
     ``sgd(1.0)``, but a rejection puts the parameters at the accepted point plus
     the new rate times the direction, rounded once as an accepted step from that
     point would be, instead of undoing the step with a second update.
     """
+    increase, decrease = default_factors()
 
     def step(carry, _):
         params, accepted, direction, previous, has_previous, rate = carry
@@ -214,8 +232,8 @@ def _ideal_rejection_run(task: Task, params, start, steps: int):
         old_rate = rate
         rate = jnp.where(
             rose,
-            jnp.maximum(rate * 0.5, 1e-10),
-            jnp.where(fell, jnp.minimum(rate * 1.05, 1e10), rate),
+            jnp.maximum(rate * decrease, FLOOR),
+            jnp.where(fell, jnp.minimum(rate * increase, 1e10), rate),
         )
         # As in the transform: at the floor a finite rise is accepted.
         accept = ~rose | (finite & (rate >= old_rate))
@@ -520,7 +538,11 @@ def _precision_section(task: Task, starts, seeds, float32_record) -> str:
         "value, in ulps at the larger of the exact and the rejected value (the "
         "magnitude the undo works at: about 1 is the best an added update can "
         "do), and absolute. Median over rejections / max over rejections, all "
-        "runs of the table above (float32) and of the same grid in bfloat16.",
+        "runs of the table above (float32) and of the same grid in bfloat16. "
+        "Where the exact value is near zero its ulp is tiny, so the largest "
+        "figures in ulps of the exact value mostly say how close to zero some "
+        "parameters are; the absolute error is the one to compare with the "
+        "parameters (weights of about 0.1 to 1 here).",
         "",
         "| parameters | rejections | ulps of exact value | ulps at undo magnitude "
         "| absolute | accepted calls above the best before (at the rate floor) |",
@@ -577,16 +599,27 @@ def _precision_section(task: Task, starts, seeds, float32_record) -> str:
         )
 
     constant_losses = constant["loss"].reshape(len(seeds), len(constant_rates), -1)
-    frozen = np.nonzero(_at_floor(library))[0]
-    frozen_details = []
-    for k in frozen:
-        first = int(np.argmax(library["rate"][k] <= FLOOR * 1.0001))
-        accepted_losses = library["loss"][k][:first][library["accepted"][k][:first]]
-        frozen_details.append(
-            f"seed {seeds[k // n_starts]}, start {starts[k % n_starts]:g}: floor "
-            f"from call {first:,}, loss there {library['loss'][k][-1]:.6g} against "
-            f"{accepted_losses.min():.6g} accepted"
-        )
+
+    def frozen_details(record):
+        details = []
+        for k in np.nonzero(_at_floor(record))[0]:
+            first = int(np.argmax(record["rate"][k] <= FLOOR * 1.0001))
+            accepted = record["loss"][k][:first][record["accepted"][k][:first]]
+            reached = _common.steps_to_target(record["loss"][k], task.target)
+            details.append(
+                f"seed {seeds[k // n_starts]}, start {starts[k % n_starts]:g}: "
+                f"floor from call {first:,}"
+                + (
+                    f" (target reached at {reached:,})"
+                    if reached is not None
+                    else " (target never reached)"
+                )
+                + f", loss there {record['loss'][k][-1]:.6g} against "
+                f"{accepted.min():.6g} accepted"
+            )
+        count = f"{len(details)} of {len(record['rate'])}"
+        return count + (f" ({'; '.join(details)})" if details else "")
+
     lines += [
         "",
         "bfloat16 constant SGD: "
@@ -598,12 +631,12 @@ def _precision_section(task: Task, starts, seeds, float32_record) -> str:
         )
         + ".",
         "",
-        f"bfloat16 runs whose rate ended at its floor ({FLOOR:g}): with "
-        f"rejection {int(_at_floor(library).sum())} of {len(_at_floor(library))}"
-        + (f" ({'; '.join(frozen_details)})" if frozen_details else "")
-        + f"; undo rounded once {int(_at_floor(ideal).sum())}; without rejection "
-        f"{int(_at_floor(plain).sum())}. float32 with rejection: "
-        f"{int(_at_floor(float32_record).sum())}.",
+        f"Runs whose rate ended at its floor ({FLOOR:g}), where a step is lost "
+        "to rounding, the loss stays the same and so does the rate: bfloat16 "
+        f"with rejection {frozen_details(library)}; undo rounded once "
+        f"{int(_at_floor(ideal).sum())}; without rejection "
+        f"{int(_at_floor(plain).sum())}. float32 with rejection "
+        f"{frozen_details(float32_record)}.",
     ]
     print("\n".join(lines), flush=True)
     return "\n".join(lines)
@@ -803,13 +836,15 @@ def run(quick: bool, out_dir: Path) -> str:
     plot = _plot(tasks, starts, results, bests, out_dir)
     print(f"saved {plot}")
 
+    increase, decrease = default_factors()
     header = [
         "## Step rejection (`reject_steps=True`)",
         "",
         f"Machine: {_common.machine_description()}",
         "",
         "`optax.chain(dynamic_lr(start, reject_steps=...), optax.sgd(1.0))` with "
-        "the default factors (x1.05 after a fall, x0.5 after a rise), the loss at "
+        f"the default factors (x{increase:g} after a fall, x{decrease:g} after a "
+        "rise), the loss at "
         "the current parameters passed as `value` every step; constant SGD is "
         "`optax.sgd(rate)`. Steps count gradient evaluations (one per call, "
         "rejected or not). "

@@ -156,8 +156,7 @@ def bf16_params():
 
 
 def bf16_loss(params):
-    # Curvature 3 in every direction: a rate above 2/3 overshoots, and from the
-    # starting rate 2 the halvings reach 0.5, which does not (p -> -p / 2).
+    # Curvature 3 in every direction: a rate above 2/3 overshoots.
     return 1.5 * sum(
         jnp.sum(leaf.astype(jnp.float32) ** 2) for leaf in jax.tree.leaves(params)
     )
@@ -266,7 +265,7 @@ def one_dimensional_run(dtype, start, value, steps=100):
     [(jnp.bfloat16, 1000.0, 1.52), (jnp.float32, 1e9, 0.8)],
 )
 def test_a_far_too_large_start_does_not_freeze_the_parameters(dtype, start, value):
-    # In exact arithmetic the rate halves until it is below 2 (the stable range
+    # In exact arithmetic the rate is cut until it is below 2 (the stable range
     # for curvature 1), the next call is accepted and 0.5 (p - 1)^2 shrinks by
     # a factor (1 - rate)^2 per call, so 100 calls end far below 1e-3.
     loss, rate = one_dimensional_run(dtype, start, value)
