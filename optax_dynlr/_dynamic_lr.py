@@ -369,10 +369,18 @@ def dynamic_lr(
       the whole chain in ``optax.apply_if_finite`` to skip such steps.
 
     .. warning::
-      With ``reject_steps``, the undo is exact when this transform is last in
-      the chain or chained before plain ``optax.sgd``. After momentum or Adam
-      the parameters still return to the last accepted point, but those
-      optimizers' own state has already absorbed the rejected gradient.
+      With ``reject_steps``, the undo is exact in exact arithmetic when this
+      transform is last in the chain or chained before plain ``optax.sgd``.
+      After momentum or Adam the parameters still return to the last accepted
+      point, but those optimizers' own state has already absorbed the rejected
+      gradient. In floating point the undo is one more update, rounded at the
+      magnitude of the rejected point: about one ulp there in float32, but in
+      bfloat16 a step thousands of times too large can lose the accepted point
+      to rounding. The rate then sinks to ``min_learning_rate``, where steps are
+      lost to rounding, the loss stays exactly equal, and an equal loss holds
+      the rate: the parameters stop moving. Do not combine ``reject_steps`` with
+      minibatch losses (or ``noise_aware``): a rejection then compares a new
+      batch with the best loss of earlier ones and mostly undoes good steps.
     """
     for name, flag in [("reject_steps", reject_steps), ("noise_aware", noise_aware)]:
         if not isinstance(flag, bool | np.bool_):
