@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from worked_factors import dynamic_lr  # factors 1.05 and 0.5
 
 from optax_dynlr import (
     DynamicLRState,
@@ -15,36 +16,6 @@ from optax_dynlr import (
 from optax_dynlr import (
     dynamic_lr as dynamic_lr_with_package_defaults,
 )
-
-
-# The hand-worked numbers in this file use the worked example's factors, 1.05
-# and 0.5, rather than the package defaults.
-def dynamic_lr(
-    learning_rate,
-    increase_factor=1.05,
-    decrease_factor=0.5,
-    min_learning_rate=1e-10,
-    max_learning_rate=1e10,
-    rtol=0.0,
-    atol=0.0,
-    *,
-    reject_steps=False,
-    noise_aware=False,
-    axis_name=None,
-):
-    return dynamic_lr_with_package_defaults(
-        learning_rate,
-        increase_factor,
-        decrease_factor,
-        min_learning_rate,
-        max_learning_rate,
-        rtol,
-        atol,
-        reject_steps=reject_steps,
-        noise_aware=noise_aware,
-        axis_name=axis_name,
-    )
-
 
 NAN = float("nan")
 INF = float("inf")
