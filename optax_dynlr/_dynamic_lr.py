@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_dynlr import _noise_aware
+
 _FLOAT = jnp.float32
 _COUNT = jnp.int32
 
@@ -401,11 +403,6 @@ def dynamic_lr(
 
     def as_float(x):
         return jnp.asarray(x, dtype=_FLOAT)
-
-    if noise_aware:
-        # Imported here so the plain rule works while the noise-aware module is
-        # under construction.
-        from optax_dynlr import _noise_aware
 
     def init_fn(params) -> DynamicLRState:
         rate = _within_bounds(
