@@ -91,30 +91,20 @@ def _is_bad_rate(x: np.ndarray) -> np.ndarray:
     return ~((x >= _FLOAT32_TINY) & (x <= _FLOAT32_MAX))
 
 
-def _check_hyperparameters(
-    learning_rate,
-    increase_factor,
-    decrease_factor,
-    min_learning_rate,
-    max_learning_rate,
-    rtol,
-    atol,
-) -> None:
+def _check_hyperparameters(hyperparameters: dict[str, Any]) -> None:
     """Raises ValueError for hyperparameters that are concrete and nonsensical.
 
     Traced hyperparameters (under ``optax.inject_hyperparams`` in a jitted step,
     or ``jax.vmap`` over starting rates) cannot be inspected and are let through;
-    ``init`` clips a traced starting rate into the bounds.
+    ``init`` clips a traced starting rate into the bounds, and ``update`` keeps a
+    traced factor from inverting the rule.
     """
-    values = {
-        "learning_rate": _concrete("learning_rate", learning_rate),
-        "increase_factor": _concrete("increase_factor", increase_factor),
-        "decrease_factor": _concrete("decrease_factor", decrease_factor),
-        "min_learning_rate": _concrete("min_learning_rate", min_learning_rate),
-        "max_learning_rate": _concrete("max_learning_rate", max_learning_rate),
-        "rtol": _concrete("rtol", rtol),
-        "atol": _concrete("atol", atol),
-    }
+    values = {name: _concrete(name, x) for name, x in hyperparameters.items()}
+    learning_rate = hyperparameters["learning_rate"]
+    increase_factor = hyperparameters["increase_factor"]
+    decrease_factor = hyperparameters["decrease_factor"]
+    min_learning_rate = hyperparameters["min_learning_rate"]
+    max_learning_rate = hyperparameters["max_learning_rate"]
 
     def known(name):
         return values[name] is not None
@@ -392,13 +382,15 @@ def dynamic_lr(
     if decrease_factor is None:
         decrease_factor = 0.5 if noise_aware else 0.3
     _check_hyperparameters(
-        learning_rate,
-        increase_factor,
-        decrease_factor,
-        min_learning_rate,
-        max_learning_rate,
-        rtol,
-        atol,
+        dict(
+            learning_rate=learning_rate,
+            increase_factor=increase_factor,
+            decrease_factor=decrease_factor,
+            min_learning_rate=min_learning_rate,
+            max_learning_rate=max_learning_rate,
+            rtol=rtol,
+            atol=atol,
+        )
     )
 
     def as_float(x):
@@ -439,44 +431,34 @@ def dynamic_lr(
 
         previous = state.previous_value
         finite = jnp.isfinite(loss)
-        # Traced tolerances are not checked at construction; a negative one
-        # would turn equal losses into rises.
-        tolerance = jnp.maximum(as_float(atol), 0) + jnp.maximum(
-            as_float(rtol), 0
-        ) * jnp.abs(previous)
-        threshold = previous + tolerance
-        fell = finite & state.has_previous_value & (loss < previous)
-        rose = ~finite | (state.has_previous_value & (loss > threshold))
+        # Traced factors and tolerances are not checked at construction;
+        # clamped here, a fall can never shrink the rate nor a rise grow it, and
+        # a negative tolerance cannot turn equal losses into rises.
+        increase = jnp.maximum(as_float(increase_factor), 1)
+        decrease = jnp.minimum(as_float(decrease_factor), 1)
 
         old_rate = state.learning_rate
         if noise_aware:
             multiplier, trend = _noise_aware.decide(
-                state.trend,
-                loss,
-                as_float(increase_factor),
-                as_float(decrease_factor),
+                state.trend, loss, increase, decrease
             )
             # A non-finite loss says nothing about the trend but always cuts.
-            multiplier = jnp.where(finite, multiplier, as_float(decrease_factor))
+            multiplier = jnp.where(finite, multiplier, decrease)
             trend = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old), trend, state.trend
             )
             fell = multiplier > 1
             rose = multiplier < 1
         else:
+            tolerance = jnp.maximum(as_float(atol), 0) + jnp.maximum(
+                as_float(rtol), 0
+            ) * jnp.abs(previous)
+            fell = finite & state.has_previous_value & (loss < previous)
+            rose = ~finite | (state.has_previous_value & (loss > previous + tolerance))
             multiplier = jnp.where(
-                rose,
-                as_float(decrease_factor),
-                jnp.where(fell, as_float(increase_factor), jnp.ones((), _FLOAT)),
+                rose, decrease, jnp.where(fell, increase, jnp.ones((), _FLOAT))
             )
             trend = None
-        # Traced factors are not checked at construction: whatever their value,
-        # a fall never shrinks the rate and a rise never grows it.
-        multiplier = jnp.where(
-            fell,
-            jnp.maximum(multiplier, 1),
-            jnp.where(rose, jnp.minimum(multiplier, 1), multiplier),
-        )
         rate = _within_bounds(
             old_rate * multiplier,
             as_float(min_learning_rate),
