@@ -38,6 +38,10 @@ class DynamicLRState(NamedTuple):
         accepted point, in each leaf's own dtype; ``None`` without it.
       trend: with ``noise_aware``, the scalar statistics of recent losses that
         decide the rate; ``None`` without it.
+      rejected_value: with step rejection, float32, the loss of the previous
+        call if that call was rejected with a finite loss, else nan; ``None``
+        without step rejection. A retry whose loss equals it did not move the
+        parameters.
     """
 
     learning_rate: jax.Array
@@ -50,6 +54,7 @@ class DynamicLRState(NamedTuple):
     num_rejections: jax.Array
     accepted_direction: Any
     trend: Any = None
+    rejected_value: Any = None
 
 
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
@@ -283,8 +288,12 @@ def dynamic_lr(
         parameters to the last accepted point and step from there along the
         last accepted direction with the cut rate. Costs one buffer the size of
         the updates. The remembered loss is then the one at the last accepted
-        point. A finite rise while the rate sits at ``min_learning_rate`` is
-        accepted, since a retry could not shorten the step.
+        point, and a loss equal to it grows the rate (a kept step too small to
+        change the rounded parameters would otherwise hold the rate there for
+        good). A finite rise is accepted where a retry cannot move the
+        parameters: while the rate sits at ``min_learning_rate``, or when a
+        retry left the loss exactly equal to the rejected one (the rate is then
+        kept, not cut).
       noise_aware: if true, decide from the trend of recent losses instead of
         comparing each loss with the previous one, for minibatch (noisy) losses.
         The log loss is fitted by least squares over a window that restarts
@@ -366,13 +375,17 @@ def dynamic_lr(
       After momentum or Adam the parameters still return to the last accepted
       point, but those optimizers' own state has already absorbed the rejected
       gradient. In floating point the undo is one more update, rounded at the
-      magnitude of the rejected point: about one ulp there in float32, but in
-      bfloat16 a step thousands of times too large can lose the accepted point
-      to rounding. The rate then sinks to ``min_learning_rate``, where steps are
-      lost to rounding, the loss stays exactly equal, and an equal loss holds
-      the rate: the parameters stop moving. Do not combine ``reject_steps`` with
-      minibatch losses (or ``noise_aware``): a rejection then compares a new
-      batch with the best loss of earlier ones and mostly undoes good steps.
+      magnitude of the rejected point, so it errs by up to half an ulp there:
+      for a step 1,000 times the size of the parameters, about 4 times their
+      size in bfloat16 and 6e-5 of it in float32. No update can do better,
+      since the parameters themselves were rounded at the rejected point. The
+      retries then close in on a point near the accepted one whose loss may be
+      higher; once a retry no longer moves the parameters, that point is kept
+      and training goes on from it at the small rate the retries reached. Do
+      not combine
+      ``reject_steps`` with minibatch losses (or ``noise_aware``): a rejection
+      then compares a new batch with the best loss of earlier ones and mostly
+      undoes good steps.
     """
     for name, flag in [("reject_steps", reject_steps), ("noise_aware", noise_aware)]:
         if not isinstance(flag, bool | np.bool_):
@@ -404,9 +417,10 @@ def dynamic_lr(
             fallback=jnp.asarray(_SAFE_START, _FLOAT),
         )
         zero = jnp.zeros((), _COUNT)
-        direction = None
+        direction = rejected_value = None
         if reject_steps:
             direction = jax.tree.map(jnp.zeros_like, params)
+            rejected_value = jnp.full((), jnp.nan, _FLOAT)
         trend = None
         if noise_aware:
             trend = _noise_aware.init_trend()
@@ -421,6 +435,7 @@ def dynamic_lr(
             num_rejections=zero,
             accepted_direction=direction,
             trend=trend,
+            rejected_value=rejected_value,
         )
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
@@ -453,7 +468,11 @@ def dynamic_lr(
             tolerance = jnp.maximum(as_float(atol), 0) + jnp.maximum(
                 as_float(rtol), 0
             ) * jnp.abs(previous)
-            fell = finite & state.has_previous_value & (loss < previous)
+            # With step rejection an unchanged loss grows the rate: the step
+            # was kept, and a step too small to change the parameters' rounding
+            # leaves the loss exactly equal, which must not hold the rate there.
+            no_higher = (loss <= previous) if reject_steps else (loss < previous)
+            fell = finite & state.has_previous_value & no_higher
             rose = ~finite | (state.has_previous_value & (loss > previous + tolerance))
             multiplier = jnp.where(
                 rose, decrease, jnp.where(fell, increase, jnp.ones((), _FLOAT))
@@ -467,19 +486,28 @@ def dynamic_lr(
         )
 
         if reject_steps:
-            # At the floor a retry would land on the very same point, forever
-            # with a deterministic loss; a finite rise there is accepted instead.
+            # A retry that left the loss exactly where the rejected call had it
+            # did not move the parameters: the retried step was lost to their
+            # rounding, and so would every shorter one be. The point is kept at
+            # the rate that reached it. At the floor a retry would also land on
+            # the same point; a finite rise there is accepted at once.
+            lost_retry = finite & (loss == state.rejected_value)
+            rate = jnp.where(lost_retry, old_rate, rate)
+            rose = rose & ~lost_retry
             accept = ~rose | (finite & (rate >= old_rate))
             new_updates, direction, previous = _step_with_rejection(
                 updates, state, accept, loss, rate
             )
             rejected = ~accept & state.has_previous_value
+            rejected_value = jnp.where(
+                rejected & finite, loss, jnp.full((), jnp.nan, _FLOAT)
+            )
         else:
             scaled = _scale_tree(rate, updates)
             new_updates = jax.tree.map(
                 lambda u: jnp.where(finite, u, jnp.zeros_like(u)), scaled
             )
-            direction = None
+            direction = rejected_value = None
             previous = jnp.where(finite, loss, previous)
             rejected = jnp.zeros((), jnp.bool_)
 
@@ -494,6 +522,7 @@ def dynamic_lr(
             num_rejections=_increment_if(rejected, state.num_rejections),
             accepted_direction=direction,
             trend=trend,
+            rejected_value=rejected_value,
         )
         return new_updates, new_state
 

@@ -248,26 +248,22 @@ def one_dimensional_run(dtype, start, value, steps=100):
     return float(loss_fn(params)), float(current_learning_rate(state))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the undo is an update added at the magnitude of the rejected point, so "
-        "the accepted point is lost to rounding when the rejected step is about "
-        "1/eps times larger than it; the retries never get back below the "
-        "accepted loss and the rate sinks to min_learning_rate; there a rise is "
-        "accepted, but a step that small is lost to rounding too, the loss stays "
-        "exactly the same, an unchanged loss holds the rate, and the parameters "
-        "never move again"
-    ),
-)
 @pytest.mark.parametrize(
-    "dtype, start, value",
-    [(jnp.bfloat16, 1000.0, 1.52), (jnp.float32, 1e9, 0.8)],
+    "dtype, start, value, steps",
+    [(jnp.bfloat16, 1000.0, 1.52, 100), (jnp.float32, 1e9, 0.8, 200)],
 )
-def test_a_far_too_large_start_does_not_freeze_the_parameters(dtype, start, value):
-    # In exact arithmetic the rate is cut until it is below 2 (the stable range
-    # for curvature 1), the next call is accepted and 0.5 (p - 1)^2 shrinks by
-    # a factor (1 - rate)^2 per call, so 100 calls end far below 1e-3.
-    loss, rate = one_dimensional_run(dtype, start, value)
+def test_a_far_too_large_start_does_not_freeze_the_parameters(
+    dtype, start, value, steps
+):
+    # The first step moves p by about start * |p - 1|: to about -518 in
+    # bfloat16 (spacing 4 there) and 2e8 in float32 (spacing 16). The undo is
+    # rounded at that magnitude, so the accepted point is lost: the retries close
+    # in on a point about 2 (bfloat16) or 4 (float32) away from 1 instead, above
+    # the accepted loss, and are cut until a retry is too small to move p (a rate
+    # near 5e-4 in bfloat16, 2e-7 in float32). That point is then kept and the
+    # rate grows by 1.1 per call: about 80 (bfloat16) or 160 (float32) calls to
+    # reach a rate near 1, after which 0.5 (p - 1)^2 shrinks by (1 - rate)^2 per
+    # call and ends far below 1e-3 within the calls given.
+    loss, rate = one_dimensional_run(dtype, start, value, steps)
     assert rate > 1e-10
     assert loss < 1e-3

@@ -653,6 +653,59 @@ def test_rejection_at_the_floor_accepts_the_rise_instead_of_stalling():
     assert float(dlr.previous_value) == 8.0
 
 
+@eager_and_jit
+def test_rejection_keeps_a_point_its_retry_could_not_leave(jit):
+    # dynamic_lr alone from rate 1 (factors 1.05 and 0.5), incoming updates
+    # 1, 5, 7, 1, 1, 1, losses as listed:
+    # 1. loss 1.0, first call: accepted, update 1 * 1 = 1; direction 1.
+    # 2. loss 2.0 > 1.0: rate 0.5, rejected: update (0.5 - 1) * 1 = -0.5.
+    # 3. loss 2.0 again: the retry left the loss exactly where the rejected call
+    #    had it, so it did not move the parameters. Kept at rate 0.5 (no cut,
+    #    not a rise): update 0.5 * 7 = 3.5, direction 7, remembered loss 2.0.
+    # 4. loss 2.0, equal to the remembered one: with rejection that grows the
+    #    rate, 0.5 * 1.05 = 0.525; update 0.525.
+    # 5. loss 2.5: rate 0.2625, rejected: update (0.2625 - 0.525) * 1 = -0.2625.
+    # 6. loss 2.4: the retry moved (2.4 is not 2.5) but is still above 2.0:
+    #    rate 0.13125, rejected again: update (0.13125 - 0.2625) * 1 = -0.13125.
+    opt = dynamic_lr(1.0, reject_steps=True)
+    incoming = [1.0, 5.0, 7.0, 1.0, 1.0, 1.0]
+    losses = [1.0, 2.0, 2.0, 2.0, 2.5, 2.4]
+    step = jax.jit(opt.update) if jit else opt.update
+    state = opt.init(jnp.zeros(1))
+    rates, emitted, states = [], [], []
+    for u, loss in zip(incoming, losses, strict=True):
+        updates, state = step(jnp.full(1, u), state, value=loss)
+        rates.append(float(state.learning_rate))
+        emitted.append(float(updates[0]))
+        states.append(state)
+
+    np.testing.assert_allclose(
+        rates, [1.0, 0.5, 0.5, 0.525, 0.2625, 0.13125], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        emitted, [1.0, -0.5, 3.5, 0.525, -0.2625, -0.13125], rtol=1e-6
+    )
+    assert [int(s.num_rejections) for s in states] == [0, 1, 1, 1, 2, 3]
+    assert [int(s.num_rises) for s in states] == [0, 1, 1, 1, 2, 3]
+    assert [int(s.num_falls) for s in states] == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_allclose(
+        [float(s.previous_value) for s in states], [1.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    )
+    np.testing.assert_array_equal(
+        [float(s.rejected_value) for s in states], [NAN, 2.0, NAN, NAN, 2.5, f32(2.4)]
+    )
+    assert float(states[2].accepted_direction[0]) == 7.0
+
+
+def test_without_rejection_an_equal_loss_holds_the_rate():
+    # The seed's rule: a loss equal to the previous one changes nothing.
+    opt = dynamic_lr(1.0)
+    rates, _, _, state = run_losses(opt, [2.0, 2.0, 2.0], jnp.zeros(1))
+    assert rates == [1.0, 1.0, 1.0]
+    assert int(state.num_falls) == 0
+    assert state.rejected_value is None
+
+
 def test_default_factors_are_1_1_and_0_3():
     # Losses 1.0, 0.9, 1.2 from 0.1: kept, then 0.1 * 1.1 = 0.11, then
     # 0.11 * 0.3 = 0.033.
