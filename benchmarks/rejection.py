@@ -224,11 +224,14 @@ def _ideal_rejection_run(task: Task, params, start, steps: int):
     increase, decrease = default_factors()
 
     def step(carry, _):
-        params, accepted, direction, previous, has_previous, rate = carry
+        params, accepted, direction, previous, has_previous, rate, rejected = carry
         loss, grads = jax.value_and_grad(task.loss_fn)(params)
         finite = jnp.isfinite(loss)
-        fell = finite & has_previous & (loss < previous)
-        rose = ~finite | (has_previous & (loss > previous))
+        # As in the transform: an unchanged loss grows the rate, and a retry
+        # whose loss equals the rejected one is kept at the same rate.
+        fell = finite & has_previous & (loss <= previous)
+        lost_retry = finite & (loss == rejected)
+        rose = (~finite | (has_previous & (loss > previous))) & ~lost_retry
         old_rate = rate
         rate = jnp.where(
             rose,
@@ -237,6 +240,7 @@ def _ideal_rejection_run(task: Task, params, start, steps: int):
         )
         # As in the transform: at the floor a finite rise is accepted.
         accept = ~rose | (finite & (rate >= old_rate))
+        rejected = jnp.where(~accept & finite, loss, jnp.nan)
         accepted = jax.tree.map(lambda a, p: jnp.where(accept, p, a), accepted, params)
         direction = jax.tree.map(lambda d, g: jnp.where(accept, g, d), direction, grads)
         params = jax.tree.map(
@@ -245,11 +249,27 @@ def _ideal_rejection_run(task: Task, params, start, steps: int):
             direction,
         )
         previous = jnp.where(accept, loss, previous)
-        carry = (params, accepted, direction, previous, has_previous | accept, rate)
+        carry = (
+            params,
+            accepted,
+            direction,
+            previous,
+            has_previous | accept,
+            rate,
+            rejected,
+        )
         return carry, {"loss": loss, "rate": rate, "accepted": accept}
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    carry = (params, params, zeros, jnp.float32(0), jnp.bool_(False), start)
+    carry = (
+        params,
+        params,
+        zeros,
+        jnp.float32(0),
+        jnp.bool_(False),
+        start,
+        jnp.float32(jnp.nan),
+    )
     carry, record = lax.scan(step, carry, None, length=steps)
     record["loss"] = jnp.append(record["loss"], task.loss_fn(carry[0]))
     return record
@@ -374,7 +394,20 @@ def _compare_task(task: Task, starts, seeds):
         ],
         dtype=object,
     )
+
+    def rises_on_the_way(rate, target):
+        """For each seed: steps whose loss rose, and steps, up to the target."""
+        column = constant_rates.index(rate)
+        counts = []
+        for s in range(len(seeds)):
+            losses = constant_losses[s, column]
+            reached = _common.steps_to_target(losses, target)
+            end = len(losses) - 1 if reached is None else reached
+            counts.append((int(np.sum(np.diff(losses[: end + 1]) > 0)), end))
+        return counts
+
     return {
+        "rises_on_the_way": rises_on_the_way,
         "rejection": results[True],
         "plain": results[False],
         "steps_rejection": by_start(results[True], task.target),
@@ -432,6 +465,7 @@ def _task_section(task: Task, starts, seeds, result) -> tuple[str, dict]:
         for (s, j), steps in np.ndenumerate(rejection)
         if steps is not None and best_steps[s] is not None and steps <= best_steps[s]
     )
+    rises = result["rises_on_the_way"](best_rate, task.target)
     slowest = max(worst)
     slowest_steps = None if np.isinf(slowest[0]) else int(slowest[0])
     best_list = ", ".join(_common.format_steps(s) for s in best_steps)
@@ -446,6 +480,14 @@ def _task_section(task: Task, starts, seeds, result) -> tuple[str, dict]:
         f"{int(result['rejection']['rejected'].sum(1).max())}; final rates "
         f"{result['rejection']['rate'][:, -1].min():.3g} to "
         f"{result['rejection']['rate'][:, -1].max():.3g}.",
+        "",
+        f"The best constant rate ({best_rate:.3g}) raised the loss on "
+        + ", ".join(f"{r:,} of {n:,}" for r, n in rises)
+        + " of its steps to the target (seeds "
+        + ", ".join(map(str, seeds))
+        + "). Step rejection accepts no rise beyond the tolerance, so where "
+        "the best constant only gets there by letting the loss rise and fall "
+        "(training at the edge of stability), no rejecting run follows it.",
     ]
     print("\n".join(lines), flush=True)
     return "\n".join(lines), {"best_rate": best_rate, "best_steps": best_steps}
@@ -474,6 +516,98 @@ def _extra_targets(task: Task, starts, seeds, result, targets) -> str:
     return "\n".join(lines)
 
 
+# Other settings of the rejecting rule, tried on both tasks: (increase factor,
+# decrease factor, rtol). The first row is the default.
+SETTINGS = (
+    (None, None, 0.0),
+    (1.05, 0.3, 0.0),
+    (1.1, 0.1, 0.0),
+    (1.1, 0.5, 0.0),
+    (1.1, 0.7, 0.0),
+    (1.2, 0.1, 0.0),
+    (1.3, 0.05, 0.0),
+    (1.5, 0.5, 0.0),
+    (2.0, 0.05, 0.0),
+    (1.1, 0.3, 0.1),
+    (1.1, 0.3, 1.0),
+    (1.2, 0.3, 1.0),
+    (1.1, 0.3, 2.0),
+)
+QUICK_SETTINGS = SETTINGS[:2] + SETTINGS[-2:-1]
+
+
+def _settings_run(task: Task, params, start, steps: int, setting):
+    increase, decrease, rtol = setting
+    opt = optax.chain(
+        dynamic_lr(start, increase, decrease, rtol=rtol, reject_steps=True),
+        optax.sgd(1.0),
+    )
+
+    def step(carry, _):
+        params, state = carry
+        loss, grads = jax.value_and_grad(task.loss_fn)(params)
+        updates, state = opt.update(grads, state, params, value=loss)
+        return (optax.apply_updates(params, updates), state), loss
+
+    (params, _), losses = lax.scan(step, (params, opt.init(params)), None, length=steps)
+    return {"loss": jnp.append(losses, task.loss_fn(params))}
+
+
+def _settings_section(tasks, starts, seeds, bests, quick: bool) -> str:
+    """Steps to target of other factor pairs and tolerances, with rejection."""
+    settings = QUICK_SETTINGS if quick else SETTINGS
+    lines = [
+        "",
+        "### Other settings of the rejecting rule",
+        "",
+        "Factor pairs and tolerances other than the defaults, with rejection, on "
+        f"both tasks above: steps to their targets from starts "
+        f"{', '.join(f'{x:g}' for x in starts)}, seeds "
+        f"{', '.join(map(str, seeds))}; median over starts and seeds [slowest "
+        "run], and how many runs reached the target within the best constant "
+        "rate's steps from the same initialisation.",
+        "",
+        "| increase / decrease / rtol | "
+        + " | ".join(f"{task.name}: steps | within best" for task in tasks)
+        + " |",
+        "|---|" + "---:|---:|" * len(tasks),
+    ]
+    for setting in settings:
+        increase, decrease, rtol = setting
+        if increase is None:
+            increase, decrease = default_factors()
+        cells = []
+        for task, best in zip(tasks, bests, strict=True):
+            params, rates = _grid(task, seeds, starts)
+            record = _run_batch(
+                lambda p, r, setting=setting, task=task: _settings_run(
+                    task, p, r, task.cap, setting
+                ),
+                params,
+                rates,
+            )
+            steps = _steps(record["loss"], task.target)
+            by_seed = np.array(steps, dtype=object).reshape(len(seeds), len(starts))
+            within = sum(
+                1
+                for (s, _), n in np.ndenumerate(by_seed)
+                if n is not None
+                and best["best_steps"][s] is not None
+                and n <= best["best_steps"][s]
+            )
+            slowest = max(np.inf if n is None else n for n in steps)
+            slowest = None if np.isinf(slowest) else int(slowest)
+            cells.append(
+                f"{_common.format_steps(_median(steps))} "
+                f"[{_common.format_steps(slowest)}] | {within} of {len(steps)}"
+            )
+        lines.append(
+            f"| {increase:g} / {decrease:g} / {rtol:g} | " + " | ".join(cells) + " |"
+        )
+    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
+
+
 def _undo_figures(record) -> tuple[np.ndarray, np.ndarray]:
     """Median and max over rejections of the largest error, for each measure."""
     ulps = record["ulps"][record["rejected"]]
@@ -482,21 +616,40 @@ def _undo_figures(record) -> tuple[np.ndarray, np.ndarray]:
     return np.median(ulps, axis=0), ulps.max(axis=0)
 
 
-def _accepted_rises(record) -> tuple[int, int]:
+def _accepted_rises(record, target) -> tuple[int, int, int, float]:
     """Accepted calls whose loss was above the best accepted before them.
 
-    Returns their number, and how many of them came with the rate at its floor.
+    Returns their number; how many of them were accepted because a retry could
+    not move the parameters (right after a rejection, the retry having left the
+    loss unchanged, or with the rate at its floor), the others being accepted
+    falls that were still above the earlier best; how many came before the run
+    first reached ``target``; and the largest ratio of such a loss to the best
+    before it.
     """
-    rises = at_floor = 0
-    for losses, accepted, rates in zip(
-        record["loss"][:, :-1], record["accepted"], record["rate"], strict=True
+    rises = stuck = early = 0
+    worst = 1.0
+    for losses, accepted, rejected, rates in zip(
+        record["loss"][:, :-1],
+        record["accepted"],
+        record["rejected"],
+        record["rate"],
+        strict=True,
     ):
+        after_rejection = np.zeros(rejected.shape, bool)
+        after_rejection[1:] = rejected[:-1]
+        cannot_move = after_rejection | (rates <= FLOOR * 1.0001)
         kept = losses[accepted]
-        above = np.zeros(kept.shape, bool)
-        above[1:] = kept[1:] > np.minimum.accumulate(kept)[:-1]
+        best_before = np.full(kept.shape, np.inf)
+        best_before[1:] = np.minimum.accumulate(kept)[:-1]
+        above = kept > best_before
         rises += int(above.sum())
-        at_floor += int(np.sum(above & (rates[accepted] <= FLOOR * 1.0001)))
-    return rises, at_floor
+        stuck += int(np.sum(above & cannot_move[accepted]))
+        reached = _common.steps_to_target(losses, target)
+        calls = np.nonzero(accepted)[0]
+        early += int(np.sum(above & (calls < (reached or len(losses)))))
+        if above.any():
+            worst = max(worst, float(np.max(kept[above] / best_before[above])))
+    return rises, stuck, early, worst
 
 
 def _at_floor(record) -> np.ndarray:
@@ -542,21 +695,27 @@ def _precision_section(task: Task, starts, seeds, float32_record) -> str:
         "Where the exact value is near zero its ulp is tiny, so the largest "
         "figures in ulps of the exact value mostly say how close to zero some "
         "parameters are; the absolute error is the one to compare with the "
-        "parameters (weights of about 0.1 to 1 here).",
+        "parameters (weights of about 0.1 to 1 here). A call is accepted with "
+        "a loss above the best accepted before it only where a retry could not "
+        "move the parameters (the undo having missed the accepted point); that "
+        "point is kept, and the accepted falls after it count too until they "
+        "get below the earlier best.",
         "",
         "| parameters | rejections | ulps of exact value | ulps at undo magnitude "
-        "| absolute | accepted calls above the best before (at the rate floor) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| absolute | accepted calls above the best before | of them, where a "
+        "retry could not move the parameters | before the target | largest "
+        "ratio to the best before |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, record in (("float32", float32_record), ("bfloat16", library)):
         median, largest = _undo_figures(record)
-        rises, at_floor = _accepted_rises(record)
+        rises, stuck, early, worst = _accepted_rises(record, task.target)
         lines.append(
             f"| {name} | {int(record['rejected'].sum()):,} "
             f"| {median[0]:.3g} / {largest[0]:.3g} "
             f"| {median[1]:.3g} / {largest[1]:.3g} "
             f"| {median[2]:.2g} / {largest[2]:.2g} "
-            f"| {rises} ({at_floor}) |"
+            f"| {rises:,} | {stuck:,} | {early:,} | {worst:.6g} |"
         )
 
     n_starts = len(starts)
@@ -631,8 +790,7 @@ def _precision_section(task: Task, starts, seeds, float32_record) -> str:
         )
         + ".",
         "",
-        f"Runs whose rate ended at its floor ({FLOOR:g}), where a step is lost "
-        "to rounding, the loss stays the same and so does the rate: bfloat16 "
+        f"Runs whose rate ended at its floor ({FLOOR:g}): bfloat16 "
         f"with rejection {frozen_details(library)}; undo rounded once "
         f"{int(_at_floor(ideal).sum())}; without rejection "
         f"{int(_at_floor(plain).sum())}. float32 with rejection "
@@ -831,6 +989,7 @@ def run(quick: bool, out_dir: Path) -> str:
         results.append(result)
         bests.append(best)
 
+    settings = _settings_section(tasks, starts, seeds, bests, quick)
     precision = _precision_section(tasks[0], starts, seeds, results[0]["rejection"])
     minibatch = _minibatch_section(quick)
     plot = _plot(tasks, starts, results, bests, out_dir)
@@ -851,4 +1010,4 @@ def run(quick: bool, out_dir: Path) -> str:
         f"Plot: `{plot.name}`.",
         "",
     ]
-    return "\n".join(header + sections + [precision, minibatch])
+    return "\n".join(header + sections + [settings, precision, minibatch])
