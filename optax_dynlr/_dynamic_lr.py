@@ -38,10 +38,6 @@ class DynamicLRState(NamedTuple):
         accepted point, in each leaf's own dtype; ``None`` without it.
       trend: with ``noise_aware``, the scalar statistics of recent losses that
         decide the rate; ``None`` without it.
-      rejected_value: with step rejection, float32, the loss of the previous
-        call if that call was rejected with a finite loss, else nan; ``None``
-        without step rejection. A retry whose loss equals it did not move the
-        parameters.
     """
 
     learning_rate: jax.Array
@@ -54,7 +50,6 @@ class DynamicLRState(NamedTuple):
     num_rejections: jax.Array
     accepted_direction: Any
     trend: Any = None
-    rejected_value: Any = None
 
 
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
@@ -177,6 +172,9 @@ def _loss_as_float32(value: Any) -> jax.Array:
             "update(updates, state, params, value=loss). The loss must be a "
             "scalar, for example the mean loss of the batch."
         )
+    if isinstance(value, int) and not isinstance(value, bool):
+        # A Python int beyond int32 would overflow on the way to an array.
+        value = float(value)
     try:
         value = jnp.asarray(value)
     except TypeError as error:
@@ -209,6 +207,10 @@ def _scale_tree(scale: jax.Array, tree: Any) -> Any:
     def scale_leaf(leaf):
         if leaf is None:
             return None
+        # Python floats and NumPy arrays become JAX arrays first, so a float64
+        # NumPy leaf follows JAX's precision setting instead of asking for
+        # float64 where it is off.
+        leaf = jnp.asarray(leaf)
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             raise TypeError(
                 "dynamic_lr scales floating-point updates; got a leaf of dtype "
@@ -290,10 +292,12 @@ def dynamic_lr(
         the updates. The remembered loss is then the one at the last accepted
         point, and a loss equal to it grows the rate (a kept step too small to
         change the rounded parameters would otherwise hold the rate there for
-        good). A finite rise is accepted where a retry cannot move the
-        parameters: while the rate sits at ``min_learning_rate``, or when a
-        retry left the loss exactly equal to the rejected one (the rate is then
-        kept, not cut).
+        good). A finite rise is kept, at the rate that reached it, where a
+        retry cannot move the parameters: while the rate sits at
+        ``min_learning_rate``, or, when ``params`` are passed to ``update``,
+        where the retry is smaller than a quarter of every parameter's
+        floating-point spacing (assuming, as above, that the updates reach the
+        parameters unscaled).
       noise_aware: if true, decide from the trend of recent losses instead of
         comparing each loss with the previous one, for minibatch (noisy) losses.
         The log loss is fitted by least squares over a window that restarts
@@ -390,6 +394,11 @@ def dynamic_lr(
     for name, flag in [("reject_steps", reject_steps), ("noise_aware", noise_aware)]:
         if not isinstance(flag, bool | np.bool_):
             raise TypeError(f"{name} must be True or False, got {flag!r}.")
+    if axis_name is not None and not isinstance(axis_name, str | tuple):
+        raise TypeError(
+            "axis_name must be the name of a mapped axis (a string, or a tuple "
+            f"of them), got {axis_name!r}."
+        )
     if increase_factor is None:
         increase_factor = 1.05 if noise_aware else 1.1
     if decrease_factor is None:
@@ -417,10 +426,9 @@ def dynamic_lr(
             fallback=jnp.asarray(_SAFE_START, _FLOAT),
         )
         zero = jnp.zeros((), _COUNT)
-        direction = rejected_value = None
+        direction = None
         if reject_steps:
             direction = jax.tree.map(jnp.zeros_like, params)
-            rejected_value = jnp.full((), jnp.nan, _FLOAT)
         trend = None
         if noise_aware:
             trend = _noise_aware.init_trend()
@@ -435,11 +443,16 @@ def dynamic_lr(
             num_rejections=zero,
             accepted_direction=direction,
             trend=trend,
-            rejected_value=rejected_value,
         )
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
-        del params, extra_args
+        del extra_args
+        if reject_steps and state.accepted_direction is None:
+            raise ValueError(
+                "dynamic_lr(reject_steps=True) got a state made without step "
+                "rejection (accepted_direction is None); initialise the state "
+                "with the same transform that updates it."
+            )
         loss = _loss_as_float32(value)
         if axis_name is not None:
             loss = jax.lax.pmean(loss, axis_name)
@@ -486,28 +499,28 @@ def dynamic_lr(
         )
 
         if reject_steps:
-            # A retry that left the loss exactly where the rejected call had it
-            # did not move the parameters: the retried step was lost to their
-            # rounding, and so would every shorter one be. The point is kept at
-            # the rate that reached it. At the floor a retry would also land on
-            # the same point; a finite rise there is accepted at once.
-            lost_retry = finite & (loss == state.rejected_value)
-            rate = jnp.where(lost_retry, old_rate, rate)
-            rose = rose & ~lost_retry
-            accept = ~rose | (finite & (rate >= old_rate))
+            # Where a retry cannot move the parameters, retrying would land on
+            # the same point forever (with a deterministic loss), so a finite
+            # rise there is kept at the rate that reached it: at the floor, or
+            # where the retry is lost to the parameters' rounding.
+            stuck = rate >= old_rate
+            if params is not None:
+                stuck = stuck | _retry_is_lost(
+                    params, state.accepted_direction, rate - old_rate, axis_name
+                )
+            keep = finite & stuck
+            rate = jnp.where(rose & keep, old_rate, rate)
+            accept = ~rose | keep
             new_updates, direction, previous = _step_with_rejection(
                 updates, state, accept, loss, rate
             )
             rejected = ~accept & state.has_previous_value
-            rejected_value = jnp.where(
-                rejected & finite, loss, jnp.full((), jnp.nan, _FLOAT)
-            )
         else:
             scaled = _scale_tree(rate, updates)
             new_updates = jax.tree.map(
                 lambda u: jnp.where(finite, u, jnp.zeros_like(u)), scaled
             )
-            direction = rejected_value = None
+            direction = None
             previous = jnp.where(finite, loss, previous)
             rejected = jnp.zeros((), jnp.bool_)
 
@@ -522,7 +535,6 @@ def dynamic_lr(
             num_rejections=_increment_if(rejected, state.num_rejections),
             accepted_direction=direction,
             trend=trend,
-            rejected_value=rejected_value,
         )
         return new_updates, new_state
 
@@ -542,6 +554,36 @@ def _within_bounds(rate, min_rate, max_rate, fallback):
 
 def _increment_if(condition: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(condition, optax.safe_increment(count), count)
+
+
+def _retry_is_lost(params, direction, rate_change, axis_name):
+    """Whether a retry of ``rate_change * direction`` would leave every
+    parameter where it is.
+
+    A parameter stays put when the change is below half the spacing of its
+    dtype there; a quarter of the spacing towards zero (the smaller of the two
+    around it) keeps the test sound through the rounding of the update itself.
+    It assumes the updates reach the parameters unscaled, as when this
+    transform is last in the chain or before ``optax.sgd(1.0)``.
+    """
+    params = jax.tree.map(jnp.asarray, params)
+    if jax.tree.structure(params) != jax.tree.structure(direction) or not all(
+        jnp.issubdtype(p.dtype, jnp.inexact) and p.shape == d.shape
+        for p, d in zip(
+            jax.tree.leaves(params), jax.tree.leaves(direction), strict=True
+        )
+    ):
+        # Parameters that do not match the updates (a wrapper that passes
+        # something else) cannot tell; only the floor stops the retries then.
+        return jnp.zeros((), jnp.bool_)
+    lost = jnp.ones((), jnp.bool_)
+    for p, d in zip(jax.tree.leaves(params), jax.tree.leaves(direction), strict=True):
+        gap = jnp.abs(p - jnp.nextafter(p, jnp.zeros_like(p))).astype(_FLOAT)
+        change = jnp.abs(rate_change * d.astype(_FLOAT))
+        lost = lost & jnp.all(change <= 0.25 * gap)
+    if axis_name is not None:
+        lost = jax.lax.pmin(lost.astype(jnp.int32), axis_name) > 0
+    return lost
 
 
 def _step_with_rejection(updates, state, accept, loss, rate):

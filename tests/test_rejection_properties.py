@@ -259,11 +259,11 @@ def test_a_far_too_large_start_does_not_freeze_the_parameters(
     # bfloat16 (spacing 4 there) and 2e8 in float32 (spacing 16). The undo is
     # rounded at that magnitude, so the accepted point is lost: the retries close
     # in on a point about 2 (bfloat16) or 4 (float32) away from 1 instead, above
-    # the accepted loss, and are cut until a retry is too small to move p (a rate
-    # near 5e-4 in bfloat16, 2e-7 in float32). That point is then kept and the
-    # rate grows by 1.1 per call: about 80 (bfloat16) or 160 (float32) calls to
-    # reach a rate near 1, after which 0.5 (p - 1)^2 shrinks by (1 - rate)^2 per
-    # call and ends far below 1e-3 within the calls given.
+    # the accepted loss, and are cut until a retry would be lost to rounding (a
+    # rate near 2e-3 in bfloat16, 6e-7 in float32). That point is then kept and
+    # the rate grows by 1.1 per call: about 65 (bfloat16) or 150 (float32) calls
+    # to reach a rate near 1, after which 0.5 (p - 1)^2 shrinks by (1 - rate)^2
+    # per call and ends far below 1e-3 within the calls given.
     loss, rate = one_dimensional_run(dtype, start, value, steps)
     assert rate > 1e-10
     assert loss < 1e-3

@@ -654,47 +654,81 @@ def test_rejection_at_the_floor_accepts_the_rise_instead_of_stalling():
 
 
 @eager_and_jit
-def test_rejection_keeps_a_point_its_retry_could_not_leave(jit):
-    # dynamic_lr alone from rate 1 (factors 1.05 and 0.5), incoming updates
-    # 1, 5, 7, 1, 1, 1, losses as listed:
-    # 1. loss 1.0, first call: accepted, update 1 * 1 = 1; direction 1.
-    # 2. loss 2.0 > 1.0: rate 0.5, rejected: update (0.5 - 1) * 1 = -0.5.
-    # 3. loss 2.0 again: the retry left the loss exactly where the rejected call
-    #    had it, so it did not move the parameters. Kept at rate 0.5 (no cut,
-    #    not a rise): update 0.5 * 7 = 3.5, direction 7, remembered loss 2.0.
-    # 4. loss 2.0, equal to the remembered one: with rejection that grows the
-    #    rate, 0.5 * 1.05 = 0.525; update 0.525.
-    # 5. loss 2.5: rate 0.2625, rejected: update (0.2625 - 0.525) * 1 = -0.2625.
-    # 6. loss 2.4: the retry moved (2.4 is not 2.5) but is still above 2.0:
-    #    rate 0.13125, rejected again: update (0.13125 - 0.2625) * 1 = -0.13125.
+def test_rejection_keeps_a_point_its_retry_could_not_move(jit):
+    # dynamic_lr alone from rate 1 (factors 1.05 and 0.5), the parameter held at
+    # 1.0 in float32, where the spacing towards zero is 2**-24 = 5.96e-8 (a
+    # quarter of it: 1.49e-8). Incoming updates and losses as listed:
+    # 1. u = 1e-8, loss 1.0, first call: accepted, update 1e-8; direction 1e-8.
+    # 2. u = 5, loss 2.0 > 1.0: a retry would move the parameter by
+    #    (0.5 - 1) * 1e-8 = 5e-9 <= 1.49e-8, lost to rounding, so the point is
+    #    kept at rate 1 (a rise, not a rejection): update 1 * 5 = 5, direction 5,
+    #    remembered loss 2.0.
+    # 3. u = 1, loss 3.0 > 2.0: a retry moves it by (0.5 - 1) * 5 = -2.5, so the
+    #    call is rejected: rate 0.5, update -2.5.
+    # 4. u = 1, loss 2.0, equal to the remembered one: with rejection that grows
+    #    the rate, 0.5 * 1.05 = 0.525; update 0.525.
     opt = dynamic_lr(1.0, reject_steps=True)
-    incoming = [1.0, 5.0, 7.0, 1.0, 1.0, 1.0]
-    losses = [1.0, 2.0, 2.0, 2.0, 2.5, 2.4]
+    params = jnp.ones(1, jnp.float32)
     step = jax.jit(opt.update) if jit else opt.update
-    state = opt.init(jnp.zeros(1))
+    state = opt.init(params)
     rates, emitted, states = [], [], []
-    for u, loss in zip(incoming, losses, strict=True):
-        updates, state = step(jnp.full(1, u), state, value=loss)
+    for u, loss in zip([1e-8, 5.0, 1.0, 1.0], [1.0, 2.0, 3.0, 2.0], strict=True):
+        updates, state = step(jnp.full(1, u), state, params, value=loss)
         rates.append(float(state.learning_rate))
         emitted.append(float(updates[0]))
         states.append(state)
 
-    np.testing.assert_allclose(
-        rates, [1.0, 0.5, 0.5, 0.525, 0.2625, 0.13125], rtol=1e-6
+    np.testing.assert_allclose(rates, [1.0, 1.0, 0.5, 0.525], rtol=1e-6)
+    np.testing.assert_allclose(emitted, [1e-8, 5.0, -2.5, 0.525], rtol=1e-6)
+    assert [int(s.num_rejections) for s in states] == [0, 0, 1, 1]
+    assert [int(s.num_rises) for s in states] == [0, 1, 2, 2]
+    assert [int(s.num_falls) for s in states] == [0, 0, 0, 1]
+    assert [float(s.previous_value) for s in states] == [1.0, 2.0, 2.0, 2.0]
+    assert float(states[1].accepted_direction[0]) == 5.0
+
+
+def test_rejection_without_params_retries_until_the_floor():
+    # The same second call without params: nothing tells that the retry is lost,
+    # so the call is rejected, rate 0.5, update (0.5 - 1) * 1e-8.
+    opt = dynamic_lr(1.0, reject_steps=True)
+    state = opt.init(jnp.ones(1))
+    _, state = opt.update(jnp.full(1, 1e-8), state, value=1.0)
+    updates, state = opt.update(jnp.full(1, 5.0), state, value=2.0)
+    assert int(state.num_rejections) == 1
+    assert float(state.learning_rate) == 0.5
+    np.testing.assert_allclose(float(updates[0]), -5e-9, rtol=1e-6)
+
+
+def test_rejection_retries_a_point_whose_loss_equals_the_rejected_one():
+    # f(p) = min(0.5 (p - 1)**2, 1.5), from p = 0 at rate 10 before sgd(1.0),
+    # default factors 1.1 and 0.3. The loss is flat (1.5) at both p = 10 and
+    # p = 3, but p = 3 can still move, so it is retried too:
+    # 1. f = 0.5, gradient -1: p = 0 + 10 = 10.
+    # 2. f = 1.5 > 0.5: rate 3, rejected: p = 0 + 3 = 3.
+    # 3. f = 1.5 > 0.5 again: rate 0.9, rejected: p = 0 + 0.9 = 0.9.
+    # 4. f = 0.005 < 0.5: rate 0.99, accepted, gradient -0.1: p = 0.999.
+    def loss_fn(p):
+        return jnp.minimum(0.5 * (p - 1.0) ** 2, 1.5)
+
+    opt = optax.chain(
+        dynamic_lr_with_package_defaults(10.0, reject_steps=True), optax.sgd(1.0)
     )
-    np.testing.assert_allclose(
-        emitted, [1.0, -0.5, 3.5, 0.525, -0.2625, -0.13125], rtol=1e-6
-    )
-    assert [int(s.num_rejections) for s in states] == [0, 1, 1, 1, 2, 3]
-    assert [int(s.num_rises) for s in states] == [0, 1, 1, 1, 2, 3]
-    assert [int(s.num_falls) for s in states] == [0, 0, 0, 1, 1, 1]
-    np.testing.assert_allclose(
-        [float(s.previous_value) for s in states], [1.0, 1.0, 2.0, 2.0, 2.0, 2.0]
-    )
-    np.testing.assert_array_equal(
-        [float(s.rejected_value) for s in states], [NAN, 2.0, NAN, NAN, 2.5, f32(2.4)]
-    )
-    assert float(states[2].accepted_direction[0]) == 7.0
+    p = jnp.asarray(0.0)
+    state = opt.init(p)
+    trajectory = []
+    for _ in range(4):
+        loss, grad = jax.value_and_grad(loss_fn)(p)
+        updates, state = opt.update(grad, state, p, value=loss)
+        p = optax.apply_updates(p, updates)
+        trajectory.append(float(p))
+    np.testing.assert_allclose(trajectory, [10.0, 3.0, 0.9, 0.999], rtol=1e-6)
+    assert int(find_dynamic_lr_state(state).num_rejections) == 2
+
+
+def test_rejection_rejects_a_state_made_without_it():
+    state = dynamic_lr(0.1).init(jnp.zeros(2))
+    with pytest.raises(ValueError, match="without step rejection"):
+        dynamic_lr(0.1, reject_steps=True).update(jnp.ones(2), state, value=1.0)
 
 
 def test_without_rejection_an_equal_loss_holds_the_rate():
@@ -703,7 +737,6 @@ def test_without_rejection_an_equal_loss_holds_the_rate():
     rates, _, _, state = run_losses(opt, [2.0, 2.0, 2.0], jnp.zeros(1))
     assert rates == [1.0, 1.0, 1.0]
     assert int(state.num_falls) == 0
-    assert state.rejected_value is None
 
 
 def test_default_factors_are_1_1_and_0_3():
@@ -793,3 +826,27 @@ def test_integer_parameters_and_string_losses_are_refused_clearly():
         opt.update(jnp.ones(2, jnp.int32), opt.init(jnp.ones(2, jnp.int32)), value=1.0)
     with pytest.raises(TypeError, match="value=loss"):
         opt.update(jnp.ones(2), opt.init(jnp.ones(2)), value="0.5")
+
+
+def test_a_python_int_loss_beyond_int32_is_read_as_a_float():
+    # 2**40 does not fit in int32; as a loss it is just a large number: the
+    # second call (2**40 > 1.0) cuts the rate from 0.1 to 0.05.
+    opt = dynamic_lr(0.1)
+    rates, _, _, _ = run_losses(opt, [1.0, 2**40], jnp.zeros(1))
+    assert rates == [f32(0.1), f32(0.05)]
+
+
+def test_python_float_and_float64_numpy_parameters_are_scaled_without_warnings():
+    # Rate 0.1 on an update of 2.0: 0.2, as a JAX float32 array (filterwarnings
+    # = error turns JAX's float64 truncation warning into a failure).
+    opt = dynamic_lr(0.1)
+    for update in (2.0, np.full(2, 2.0, np.float64)):
+        updates, _ = opt.update(update, opt.init(update), value=1.0)
+        np.testing.assert_allclose(np.asarray(updates), 0.2, rtol=1e-6)
+        assert jnp.asarray(updates).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("axis_name", [3, 1.5, ["batch"]])
+def test_axis_name_must_be_a_name(axis_name):
+    with pytest.raises(TypeError, match="axis_name must be the name"):
+        dynamic_lr(0.1, axis_name=axis_name)
