@@ -850,3 +850,19 @@ def test_python_float_and_float64_numpy_parameters_are_scaled_without_warnings()
 def test_axis_name_must_be_a_name(axis_name):
     with pytest.raises(TypeError, match="axis_name must be the name"):
         dynamic_lr(0.1, axis_name=axis_name)
+
+
+@pytest.mark.parametrize("reject_steps", [False, True])
+def test_runs_under_jax_debug_nans(reject_steps):
+    # The state holds no nan placeholder: JAX's nan checker, which raises on
+    # any nan an operation produces, stays quiet through an accepted call, a
+    # rise (a rejection with reject_steps) and a fall: rates 0.1, 0.05, 0.0525.
+    opt = dynamic_lr(0.1, reject_steps=reject_steps)
+    params = jnp.zeros(2)
+    with jax.debug_nans(True):
+        state = opt.init(params)
+        rates = []
+        for loss in (1.0, 2.0, 0.5):
+            _, state = opt.update(jnp.ones(2), state, params, value=loss)
+            rates.append(float(state.learning_rate))
+    np.testing.assert_allclose(rates, [0.1, 0.05, 0.0525], rtol=1e-6)
