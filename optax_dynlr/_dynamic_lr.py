@@ -385,7 +385,9 @@ def dynamic_lr(
       since the parameters themselves were rounded at the rejected point. The
       retries then close in on a point near the accepted one whose loss may be
       higher; once a retry no longer moves the parameters, that point is kept
-      and training goes on from it at the small rate the retries reached. Do
+      and training goes on from it at the small rate the retries reached. A
+      step that overflows the parameters' dtype (float16 beyond 65504) cannot
+      be undone at all: an infinite parameter stays infinite or turns nan. Do
       not combine
       ``reject_steps`` with minibatch losses (or ``noise_aware``): a rejection
       then compares a new batch with the best loss of earlier ones and mostly
