@@ -294,10 +294,12 @@ def dynamic_lr(
         change the rounded parameters would otherwise hold the rate there for
         good). A finite rise is kept, at the rate that reached it, where a
         retry cannot move the parameters: while the rate sits at
-        ``min_learning_rate``, or, when ``params`` are passed to ``update``,
-        where the retry is smaller than a quarter of every parameter's
-        floating-point spacing (assuming, as above, that the updates reach the
-        parameters unscaled).
+        ``min_learning_rate``, or, when ``params`` passed to ``update`` are
+        real floating-point arrays of the updates' structure, where the retry
+        is smaller than a quarter of every parameter's floating-point spacing.
+        That test assumes the updates reach the parameters unscaled (last in
+        the chain, or before ``optax.sgd(1.0)``); a scale above 1 after this
+        transform can make it keep a point a retry would still move.
       noise_aware: if true, decide from the trend of recent losses instead of
         comparing each loss with the previous one, for minibatch (noisy) losses.
         The log loss is fitted by least squares over a window that restarts
@@ -568,20 +570,28 @@ def _retry_is_lost(params, direction, rate_change, axis_name):
     It assumes the updates reach the parameters unscaled, as when this
     transform is last in the chain or before ``optax.sgd(1.0)``.
     """
-    params = jax.tree.map(jnp.asarray, params)
-    if jax.tree.structure(params) != jax.tree.structure(direction) or not all(
-        jnp.issubdtype(p.dtype, jnp.inexact) and p.shape == d.shape
-        for p, d in zip(
-            jax.tree.leaves(params), jax.tree.leaves(direction), strict=True
-        )
-    ):
-        # Parameters that do not match the updates (a wrapper that passes
-        # something else) cannot tell; only the floor stops the retries then.
+    if jax.tree.structure(params) != jax.tree.structure(direction):
+        # Parameters that do not match the updates (a wrapper or a model object
+        # that passes something else) cannot tell; only the floor stops the
+        # retries then.
         return jnp.zeros((), jnp.bool_)
+    pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(direction), strict=True))
+    for p, d in pairs:
+        kind = getattr(p, "dtype", None)
+        if not (
+            isinstance(p, jax.Array | np.ndarray | np.generic | float)
+            and (kind is None or jnp.issubdtype(kind, jnp.floating))
+            and jnp.shape(p) == d.shape
+        ):
+            return jnp.zeros((), jnp.bool_)
     lost = jnp.ones((), jnp.bool_)
-    for p, d in zip(jax.tree.leaves(params), jax.tree.leaves(direction), strict=True):
-        gap = jnp.abs(p - jnp.nextafter(p, jnp.zeros_like(p))).astype(_FLOAT)
-        change = jnp.abs(rate_change * d.astype(_FLOAT))
+    for p, d in pairs:
+        p = jnp.asarray(p)
+        # float64 parameters (with x64 on) are compared in float64, so that
+        # their spacing does not overflow or flush to zero in float32.
+        compute_dtype = jnp.promote_types(p.dtype, _FLOAT)
+        gap = jnp.abs(p - jnp.nextafter(p, jnp.zeros_like(p))).astype(compute_dtype)
+        change = jnp.abs(rate_change.astype(compute_dtype) * d.astype(compute_dtype))
         lost = lost & jnp.all(change <= 0.25 * gap)
     if axis_name is not None:
         lost = jax.lax.pmin(lost.astype(jnp.int32), axis_name) > 0

@@ -866,3 +866,47 @@ def test_runs_under_jax_debug_nans(reject_steps):
             _, state = opt.update(jnp.ones(2), state, params, value=loss)
             rates.append(float(state.learning_rate))
     np.testing.assert_allclose(rates, [0.1, 0.05, 0.0525], rtol=1e-6)
+
+
+def _second_call_after_a_tiny_step(params, first_update, second_update):
+    """Rate 1 (factors 1.05 / 0.5): an accepted first call, then a rise."""
+    opt = dynamic_lr(1.0, reject_steps=True)
+    state = opt.init(first_update)
+    _, state = opt.update(first_update, state, params, value=1.0)
+    updates, state = opt.update(second_update, state, params, value=2.0)
+    return updates, state
+
+
+def test_rejection_with_params_that_do_not_match_the_updates_retries():
+    # The parameters hold a function where the updates hold None (as a model
+    # object with its gradients filtered would): nothing tells whether the retry
+    # is lost, so the rise is rejected, rate 0.5, update (0.5 - 1) * 1e-8.
+    params = {"w": jnp.ones(1), "activation": jax.nn.relu}
+    first = {"w": jnp.full(1, 1e-8), "activation": None}
+    second = {"w": jnp.full(1, 5.0), "activation": None}
+    updates, state = _second_call_after_a_tiny_step(params, first, second)
+    assert int(state.num_rejections) == 1
+    np.testing.assert_allclose(float(updates["w"][0]), -5e-9, rtol=1e-6)
+
+
+def test_rejection_with_complex_params_retries_without_error():
+    # Complex parameters have no spacing to compare with, so they are retried:
+    # update (0.5 - 1) * 1e-8.
+    params = jnp.ones(1, jnp.complex64)
+    first = jnp.full(1, 1e-8, jnp.complex64)
+    second = jnp.full(1, 5.0, jnp.complex64)
+    updates, state = _second_call_after_a_tiny_step(params, first, second)
+    assert int(state.num_rejections) == 1
+    np.testing.assert_allclose(complex(updates[0]), -5e-9, rtol=1e-6)
+
+
+def test_rejection_compares_float64_params_in_float64():
+    # With x64, p = 1e60 and a step of 1e60: the retry moves p by
+    # (0.5 - 1) * 1e60, far more than its spacing (about 1.5e44), so the rise is
+    # rejected. In float32 both numbers would overflow to inf and look lost.
+    with jax.enable_x64(True):
+        params = jnp.full(1, 1e60, jnp.float64)
+        first = jnp.full(1, 1e60, jnp.float64)
+        updates, state = _second_call_after_a_tiny_step(params, first, first)
+        assert int(state.num_rejections) == 1
+        np.testing.assert_allclose(float(updates[0]), -5e59, rtol=1e-6)
