@@ -224,14 +224,14 @@ def _ideal_rejection_run(task: Task, params, start, steps: int):
     increase, decrease = default_factors()
 
     def step(carry, _):
-        params, accepted, direction, previous, has_previous, rate, rejected = carry
+        params, accepted, direction, previous, has_previous, rate = carry
         loss, grads = jax.value_and_grad(task.loss_fn)(params)
         finite = jnp.isfinite(loss)
-        # As in the transform: an unchanged loss grows the rate, and a retry
-        # whose loss equals the rejected one is kept at the same rate.
+        # As in the transform: an unchanged loss grows the rate. Retries here
+        # land on the accepted point rounded once, so as the rate shrinks they
+        # reach the accepted loss and need no test for a lost retry.
         fell = finite & has_previous & (loss <= previous)
-        lost_retry = finite & (loss == rejected)
-        rose = (~finite | (has_previous & (loss > previous))) & ~lost_retry
+        rose = ~finite | (has_previous & (loss > previous))
         old_rate = rate
         rate = jnp.where(
             rose,
@@ -240,7 +240,6 @@ def _ideal_rejection_run(task: Task, params, start, steps: int):
         )
         # As in the transform: at the floor a finite rise is accepted.
         accept = ~rose | (finite & (rate >= old_rate))
-        rejected = jnp.where(~accept & finite, loss, jnp.nan)
         accepted = jax.tree.map(lambda a, p: jnp.where(accept, p, a), accepted, params)
         direction = jax.tree.map(lambda d, g: jnp.where(accept, g, d), direction, grads)
         params = jax.tree.map(
@@ -249,27 +248,11 @@ def _ideal_rejection_run(task: Task, params, start, steps: int):
             direction,
         )
         previous = jnp.where(accept, loss, previous)
-        carry = (
-            params,
-            accepted,
-            direction,
-            previous,
-            has_previous | accept,
-            rate,
-            rejected,
-        )
+        carry = (params, accepted, direction, previous, has_previous | accept, rate)
         return carry, {"loss": loss, "rate": rate, "accepted": accept}
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    carry = (
-        params,
-        params,
-        zeros,
-        jnp.float32(0),
-        jnp.bool_(False),
-        start,
-        jnp.float32(jnp.nan),
-    )
+    carry = (params, params, zeros, jnp.float32(0), jnp.bool_(False), start)
     carry, record = lax.scan(step, carry, None, length=steps)
     record["loss"] = jnp.append(record["loss"], task.loss_fn(carry[0]))
     return record
@@ -619,31 +602,25 @@ def _undo_figures(record) -> tuple[np.ndarray, np.ndarray]:
 def _accepted_rises(record, target) -> tuple[int, int, int, float]:
     """Accepted calls whose loss was above the best accepted before them.
 
-    Returns their number; how many of them were accepted because a retry could
-    not move the parameters (right after a rejection, the retry having left the
-    loss unchanged, or with the rate at its floor), the others being accepted
-    falls that were still above the earlier best; how many came before the run
-    first reached ``target``; and the largest ratio of such a loss to the best
-    before it.
+    Returns their number; how many of them were rises kept because a retry
+    could not move the parameters (with rtol = 0, the only way an accepted loss
+    rises above the previous accepted one), the others being accepted falls
+    still above the earlier best; how many came before the run first reached
+    ``target``; and the largest ratio of such a loss to the best before it.
     """
     rises = stuck = early = 0
     worst = 1.0
-    for losses, accepted, rejected, rates in zip(
-        record["loss"][:, :-1],
-        record["accepted"],
-        record["rejected"],
-        record["rate"],
-        strict=True,
+    for losses, accepted in zip(
+        record["loss"][:, :-1], record["accepted"], strict=True
     ):
-        after_rejection = np.zeros(rejected.shape, bool)
-        after_rejection[1:] = rejected[:-1]
-        cannot_move = after_rejection | (rates <= FLOOR * 1.0001)
         kept = losses[accepted]
         best_before = np.full(kept.shape, np.inf)
         best_before[1:] = np.minimum.accumulate(kept)[:-1]
         above = kept > best_before
+        kept_rise = np.zeros(kept.shape, bool)
+        kept_rise[1:] = kept[1:] > kept[:-1]
         rises += int(above.sum())
-        stuck += int(np.sum(above & cannot_move[accepted]))
+        stuck += int(np.sum(above & kept_rise))
         reached = _common.steps_to_target(losses, target)
         calls = np.nonzero(accepted)[0]
         early += int(np.sum(above & (calls < (reached or len(losses)))))
@@ -696,10 +673,10 @@ def _precision_section(task: Task, starts, seeds, float32_record) -> str:
         "figures in ulps of the exact value mostly say how close to zero some "
         "parameters are; the absolute error is the one to compare with the "
         "parameters (weights of about 0.1 to 1 here). A call is accepted with "
-        "a loss above the best accepted before it only where a retry could not "
-        "move the parameters (the undo having missed the accepted point); that "
-        "point is kept, and the accepted falls after it count too until they "
-        "get below the earlier best.",
+        "a loss above the last accepted one only where a retry could not move "
+        "the parameters (the undo having missed the accepted point); that "
+        "point is kept, and the accepted falls after it count as above the best "
+        "before too, until they get below it.",
         "",
         "| parameters | rejections | ulps of exact value | ulps at undo magnitude "
         "| absolute | accepted calls above the best before | of them, where a "

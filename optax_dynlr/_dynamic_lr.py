@@ -390,10 +390,9 @@ def dynamic_lr(
       and training goes on from it at the small rate the retries reached. A
       step that overflows the parameters' dtype (float16 beyond 65504) cannot
       be undone at all: an infinite parameter stays infinite or turns nan. Do
-      not combine
-      ``reject_steps`` with minibatch losses (or ``noise_aware``): a rejection
-      then compares a new batch with the best loss of earlier ones and mostly
-      undoes good steps.
+      not combine ``reject_steps`` with minibatch losses (or ``noise_aware``):
+      a rejection then compares a new batch with the best loss of earlier ones
+      and mostly undoes good steps.
     """
     for name, flag in [("reject_steps", reject_steps), ("noise_aware", noise_aware)]:
         if not isinstance(flag, bool | np.bool_):
@@ -510,7 +509,11 @@ def dynamic_lr(
             stuck = rate >= old_rate
             if params is not None:
                 stuck = stuck | _retry_is_lost(
-                    params, state.accepted_direction, rate - old_rate, axis_name
+                    params,
+                    state.accepted_direction,
+                    rate - old_rate,
+                    axis_name,
+                    needed=rose & finite & ~stuck,
                 )
             keep = finite & stuck
             rate = jnp.where(rose & keep, old_rate, rate)
@@ -560,7 +563,7 @@ def _increment_if(condition: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(condition, optax.safe_increment(count), count)
 
 
-def _retry_is_lost(params, direction, rate_change, axis_name):
+def _retry_is_lost(params, direction, rate_change, axis_name, needed):
     """Whether a retry of ``rate_change * direction`` would leave every
     parameter where it is.
 
@@ -568,7 +571,9 @@ def _retry_is_lost(params, direction, rate_change, axis_name):
     dtype there; a quarter of the spacing towards zero (the smaller of the two
     around it) keeps the test sound through the rounding of the update itself.
     It assumes the updates reach the parameters unscaled, as when this
-    transform is last in the chain or before ``optax.sgd(1.0)``.
+    transform is last in the chain or before ``optax.sgd(1.0)``. The pass over
+    the parameters is made only where ``needed`` (a rise that would be
+    retried), not on every call.
     """
     if jax.tree.structure(params) != jax.tree.structure(direction):
         # Parameters that do not match the updates (a wrapper or a model object
@@ -584,15 +589,22 @@ def _retry_is_lost(params, direction, rate_change, axis_name):
             and jnp.shape(p) == d.shape
         ):
             return jnp.zeros((), jnp.bool_)
-    lost = jnp.ones((), jnp.bool_)
-    for p, d in pairs:
-        p = jnp.asarray(p)
-        # float64 parameters (with x64 on) are compared in float64, so that
-        # their spacing does not overflow or flush to zero in float32.
-        compute_dtype = jnp.promote_types(p.dtype, _FLOAT)
-        gap = jnp.abs(p - jnp.nextafter(p, jnp.zeros_like(p))).astype(compute_dtype)
-        change = jnp.abs(rate_change.astype(compute_dtype) * d.astype(compute_dtype))
-        lost = lost & jnp.all(change <= 0.25 * gap)
+
+    def every_parameter_stays(pairs):
+        lost = jnp.ones((), jnp.bool_)
+        for p, d in pairs:
+            p = jnp.asarray(p)
+            # float64 parameters (with x64 on) are compared in float64, so that
+            # their spacing does not overflow or flush to zero in float32.
+            wide = jnp.promote_types(p.dtype, _FLOAT)
+            gap = jnp.abs(p - jnp.nextafter(p, jnp.zeros_like(p))).astype(wide)
+            change = jnp.abs(rate_change.astype(wide) * d.astype(wide))
+            lost = lost & jnp.all(change <= 0.25 * gap)
+        return lost
+
+    lost = jax.lax.cond(
+        needed, every_parameter_stays, lambda _: jnp.zeros((), jnp.bool_), pairs
+    )
     if axis_name is not None:
         lost = jax.lax.pmin(lost.astype(jnp.int32), axis_name) > 0
     return lost
