@@ -69,6 +69,19 @@ def softmax_cross_entropy(params, inputs, labels):
     return optax.softmax_cross_entropy(logits, labels).mean()
 
 
+def digits_mlp_problem():
+    """The full-batch digits loss of a 64-64-10 tanh MLP, and its initialiser."""
+    inputs, labels = digits_classification()
+
+    def loss_fn(params):
+        return softmax_cross_entropy(params, inputs, labels)
+
+    def init(seed):
+        return init_mlp(jax.random.PRNGKey(seed), [64, 64, 10])
+
+    return loss_fn, init
+
+
 def steps_to_target(losses, target) -> int | None:
     """The first step (1-based count of updates) whose loss is at or below target.
 

@@ -80,14 +80,7 @@ def _linear_init(num_features):
 
 
 def digits_task(quick: bool) -> Task:
-    inputs, labels = _common.digits_classification()
-
-    def loss_fn(params):
-        return _common.softmax_cross_entropy(params, inputs, labels)
-
-    def init(seed):
-        return _common.init_mlp(jax.random.PRNGKey(seed), [64, 64, 10])
-
+    loss_fn, init = _common.digits_mlp_problem()
     target = 0.5 if quick else 0.01
     return Task(
         name="digits",

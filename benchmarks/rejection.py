@@ -44,14 +44,7 @@ class Task:
 
 
 def digits_task(quick: bool) -> Task:
-    inputs, labels = _common.digits_classification()
-
-    def loss_fn(params):
-        return _common.softmax_cross_entropy(params, inputs, labels)
-
-    def init(seed):
-        return _common.init_mlp(jax.random.PRNGKey(seed), [64, 64, 10])
-
+    loss_fn, init = _common.digits_mlp_problem()
     # Half-octave steps around the best rate, 1: rate 2 already fails for some
     # initialisations and 2.8 diverges, so the sweep brackets the optimum.
     sweep = tuple(2.0 ** (k / 2) for k in range(-6, 4))
