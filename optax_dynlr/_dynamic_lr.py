@@ -196,6 +196,17 @@ def _loss_as_float32(value: Any) -> jax.Array:
     return value.astype(_FLOAT)
 
 
+def _squared_norm(tree: Any) -> jax.Array:
+    """The sum of squared magnitudes of every leaf, in float32."""
+    total = jnp.zeros((), _FLOAT)
+    for leaf in jax.tree.leaves(tree):
+        leaf = jnp.asarray(leaf)
+        if jnp.iscomplexobj(leaf):
+            leaf = jnp.abs(leaf)
+        total = total + jnp.sum(jnp.square(leaf.astype(_FLOAT)))
+    return total
+
+
 def _scale_tree(scale: jax.Array, tree: Any) -> Any:
     """Multiplies every leaf by a float32 scalar, keeping each leaf's dtype.
 
@@ -305,12 +316,16 @@ def dynamic_lr(
         The log loss is fitted by least squares over a window that restarts
         after every decision and is tested at 4, 8, ..., 1024 calls. A
         significant fall multiplies the rate by ``increase_factor ** 4``
-        (``** 8`` for the second and later in a row; none for the first fall
-        after a cut). A significant rise, a window mean three times the best
-        earlier level, or a non-finite loss multiplies it by
-        ``decrease_factor``. A single loss far above the recent ones
-        (``max(ln 1.25, 10 sigma)``) does too, up to ``decrease_factor ** 3``.
-        Otherwise the rate is held. The extra state is a few scalars
+        (none for the first fall after a cut). A significant rise, a window
+        mean three times the best earlier level, or a non-finite loss
+        multiplies it by ``decrease_factor``. A single loss far above the
+        recent ones (``max(ln 1.25, 10 sigma)``), or two in a row well above
+        them (``max(ln 1.25, 3 sigma)``), do too, up to ``decrease_factor **
+        3``. A rate below a twentieth of the stochastic Polyak step
+        ``2 * loss / |updates|^2`` (averaged over recent calls; the fraction
+        halves with every cut) climbs by 1.1 per call while the loss stays
+        near its lowest. Otherwise the rate is held. The extra state is a few
+        scalars
         (``DynamicLRState.trend``); ``rtol`` and ``atol`` are ignored. With
         ``optax.MultiSteps``, pass the mean loss of the micro-batches
         accumulated so far: on the step that emits, that is the loss of the
@@ -361,13 +376,15 @@ def dynamic_lr(
       losses, or average the loss over many steps before passing it.
 
     .. warning::
-      ``noise_aware=True`` is a first version. It needs positive losses (a loss
-      of zero or below reads as a fall). It never drove the rate to its floor in
-      our minibatch benchmarks, but from small starting rates it can climb
-      slowly (on a logistic regression it never reached the target from 1e-3),
-      it can grow the rate past the edge of stability of a network that cannot
-      survive one divergent step (a small tanh CNN broke from starts of 0.1 and
-      above), and on full-batch losses it is far slower than the plain rule:
+      ``noise_aware=True`` needs positive losses (a loss of zero or below reads
+      as a fall). Its climb reads the updates it receives as the gradient: put
+      it first in the chain, before ``optax.sgd(1.0)``. After a preconditioner
+      (Adam, say) the Polyak step it computes is far too small to ever
+      climb, and the slower trend test alone lifts a small rate. Its guide
+      assumes a loss whose minimum is near zero (cross-entropy); a loss with a
+      large floor overstates it. It cannot undo the very first step: a start
+      so large that one step breaks the network (a small tanh CNN from 10)
+      stays broken. On full-batch losses it is slower than the plain rule:
       keep it off there.
 
     .. warning::
@@ -470,8 +487,11 @@ def dynamic_lr(
 
         old_rate = state.learning_rate
         if noise_aware:
+            norm_squared = _squared_norm(updates)
+            if axis_name is not None:
+                norm_squared = jax.lax.pmean(norm_squared, axis_name)
             multiplier, trend = _noise_aware.decide(
-                state.trend, loss, increase, decrease
+                state.trend, loss, norm_squared, old_rate, increase, decrease
             )
             # A non-finite loss says nothing about the trend but always cuts.
             multiplier = jnp.where(finite, multiplier, decrease)

@@ -2,25 +2,33 @@
 
 Successive minibatch losses rise about as often as they fall, so comparing one
 loss with the next says nothing about the trend. This module decides from a
-sequential trend test instead, with scalar state only:
+sequential trend test instead, helped by the size of the gradient, with scalar
+state only:
 
 * **Trend test.** Losses enter a window as pairs (call number, log loss), fitted
   by least squares. At window lengths 4, 8, 16, ..., ``MAX_WINDOW`` the slope's
   t statistic is compared with the one-sided Student-t quantile of a 3-sigma
-  tail for that many degrees of freedom. A significant fall grows the rate, a
-  significant rise cuts it by ``decrease_factor``; reaching ``MAX_WINDOW``
-  without either holds it. Every decision restarts the window. Reading the test
-  only at doubling lengths keeps false alarms rare; the small-sample quantiles
-  keep the shortest windows honest, yet a deterministic loss (full batch), whose
-  residuals are near zero, gives a huge statistic and is decided after four
-  calls.
-* **Growth.** A significant fall multiplies the rate by
-  ``increase_factor ** 4`` (four calls' worth of the plain rule's growth, 1.22
-  with the default 1.05), and a second or later significant fall in a row by
-  ``increase_factor ** 8`` (1.48). A hold resets the run; after a cut the
-  first significant fall earns no growth, since it is mostly the recovery from
-  what was cut. Larger steps climbed faster from far too small rates but
-  overshot the edge of stability, which costs far more than it gains.
+  tail for that many degrees of freedom. A significant fall multiplies the rate
+  by ``increase_factor ** 4`` (four calls' worth of the plain rule's growth,
+  1.22 with the default 1.05), a significant rise by ``decrease_factor``;
+  reaching ``MAX_WINDOW`` without either holds it. Every decision restarts the
+  window. After a cut the first significant fall earns no growth, since it is
+  mostly the recovery from what was cut. Reading the test only at doubling
+  lengths keeps false alarms rare; the small-sample quantiles keep the shortest
+  windows honest, yet a deterministic loss (full batch), whose residuals are
+  near zero, gives a huge statistic and is decided after four calls. Larger
+  growth steps climbed faster but overshot the edge of stability, late in
+  training above all, where one step past it undoes the run.
+* **Climb.** The stochastic Polyak step ``2 * loss / |g|^2`` (``g`` the update
+  this transform receives) is the step that would take a linear model of the
+  batch loss to zero, twice over; a useful rate is some fraction of it. Its
+  moving average (in log space) gives a guide, ``CLIMB_FRACTION`` of it at
+  first, halved by every cut. While the rate is below the guide and the loss's
+  moving average is within ``CLIMB_LEVEL`` times its lowest, the rate grows by
+  ``CLIMB_FACTOR`` per call without waiting for the trend test, which cannot
+  see the tiny progress of a far too small rate through the noise. The guide
+  only ever raises a rate: a guide too low (after a preconditioner, say) leaves
+  the trend test in charge.
 * **Level guard.** The first loss, and then the lowest mean of any closed
   window, is the reference level. A window whose mean log loss is more than
   ``ln 3`` above it at a checkpoint cuts the rate; the new level then becomes
@@ -28,20 +36,20 @@ sequential trend test instead, with scalar state only:
   catches a divergence whose losses vary too wildly for the slope to be
   significant.
 * **Spike guard.** Every call, a log loss above a fast moving average by more
-  than a threshold ``max(ln 1.25, 10 sigma)`` cuts at once, by
-  ``decrease_factor`` once per threshold exceeded, at most three times (sigma
-  from a slow, debiased moving average of squared successive differences,
-  each clipped at the threshold so that one explosion does not blind it). A
-  far too large starting rate is cut after its first step, by up to 8x (the
-  first batches' losses barely differ, so the threshold is ln 1.25); the
+  than ``max(ln 1.25, 10 sigma)``, or two successive log losses both above it
+  by more than ``max(ln 1.25, 3 sigma)``, cut at once, by ``decrease_factor``
+  once per threshold exceeded, at most three times (sigma from a slow, debiased
+  moving average of squared successive differences, each clipped at the
+  single-loss threshold so that one explosion does not blind it). A far too
+  large starting rate is cut after its first step, by up to 8x; the
   heavy-tailed single batches of late training, often several times the mean
-  loss, stay under ten sigma, since in a flat stretch nothing would undo a
-  spurious cut. The spike becomes the guard's reference, so only a further
-  rise cuts again.
+  loss, stay under ten sigma, while a divergence, which raises every loss,
+  trips the two-loss test early. The spike becomes the guard's reference, so
+  only a further rise cuts again.
 
 The test works on ``log(loss)``, so losses must be positive (cross-entropy,
 squared error). A loss of zero or below is read as the smallest positive
-float32, a very large fall.
+float32, a very large fall, and gives no guide.
 """
 
 from typing import NamedTuple
@@ -55,13 +63,19 @@ _INT = jnp.int32
 
 MIN_WINDOW = 4  # the shortest window at which the trend test is read
 MAX_WINDOW = 1024  # a window this long without a significant trend holds the rate
-MAX_DOUBLINGS = 1  # consecutive falls double the growth exponent this many times
+GROWTH_CALLS = 4  # a significant fall grows the rate by increase_factor ** 4
 LEVEL_MARGIN = float(np.log(3.0))
 SPIKE_MARGIN = float(np.log(1.25))
-SPIKE_SIGMAS = 10.0
+SPIKE_SIGMAS = 10.0  # one loss this far above the fast average cuts
+PAIR_SIGMAS = 3.0  # two successive losses this far above it cut
 SPIKE_MAX_CUTS = 3
 FAST_AVERAGE = 0.1  # weight of the newest log loss in the fast average
 SPREAD_AVERAGE = 0.02  # the same for the spread; slow, as tails are heavy
+GUIDE_AVERAGE = 0.1  # the same for the log of the Polyak step
+LOSS_AVERAGE = 0.1  # the same for the loss itself, which the climb watches
+CLIMB_FRACTION = 0.05  # the guide starts at this fraction of the Polyak step
+CLIMB_FACTOR = 1.1  # growth per call while below the guide
+CLIMB_LEVEL = 1.5  # climb only while the loss average is within this of its lowest
 # A residual spread below this (in log loss, about 8 float32 ulps) is rounding:
 # it keeps a constant loss from giving 0/0 and a tiny drift from looking sure.
 _RESOLUTION = 1e-6
@@ -93,8 +107,16 @@ class TrendState(NamedTuple):
         average, which divides it to remove the bias of its zero start.
       last_log_loss: float32, the previous log loss.
       has_last: bool, whether a loss has been seen.
-      fall_streak: int32, significant falls in a row; -1 after a cut, until
-        the next decision.
+      recovering: bool, true after a cut until the next decision of the trend
+        test; a significant fall then earns no growth.
+      log_polyak: float32, moving average of the log of the Polyak step
+        ``2 * loss / |g|^2``.
+      has_polyak: bool, whether ``log_polyak`` holds a value yet (it needs a
+        positive loss and a finite, nonzero update).
+      climb_fraction: float32, the guide's fraction of the Polyak step; halved
+        by every cut.
+      loss_average: float32, moving average of the loss.
+      lowest_average: float32, the lowest ``loss_average`` so far.
     """
 
     window_count: jax.Array
@@ -108,24 +130,35 @@ class TrendState(NamedTuple):
     difference_weight: jax.Array
     last_log_loss: jax.Array
     has_last: jax.Array
-    fall_streak: jax.Array
+    recovering: jax.Array
+    log_polyak: jax.Array
+    has_polyak: jax.Array
+    climb_fraction: jax.Array
+    loss_average: jax.Array
+    lowest_average: jax.Array
 
 
 def init_trend() -> TrendState:
     zero = jnp.zeros((), _FLOAT)
+    false = jnp.zeros((), jnp.bool_)
     return TrendState(
         window_count=jnp.zeros((), _INT),
         window_mean=zero,
         window_comoment=zero,
         window_sum_squares=zero,
         best_mean=zero,
-        has_best=jnp.zeros((), jnp.bool_),
+        has_best=false,
         fast_mean=zero,
         difference_variance=zero,
         difference_weight=zero,
         last_log_loss=zero,
-        has_last=jnp.zeros((), jnp.bool_),
-        fall_streak=jnp.zeros((), _INT),
+        has_last=false,
+        recovering=false,
+        log_polyak=zero,
+        has_polyak=false,
+        climb_fraction=jnp.asarray(CLIMB_FRACTION, _FLOAT),
+        loss_average=zero,
+        lowest_average=zero,
     )
 
 
@@ -146,12 +179,27 @@ def _slope_t_statistic(count, comoment, sum_squares):
     return slope / jnp.sqrt(residual_variance / safe_call_sum_squares)
 
 
-def decide(trend: TrendState, loss, increase_factor, decrease_factor):
-    """Returns the rate multiplier for this call's loss and the new statistics."""
+def decide(
+    trend: TrendState, loss, update_norm_squared, rate, increase_factor, decrease_factor
+):
+    """Returns the rate multiplier for this call and the new statistics.
+
+    Args:
+      trend: the statistics so far.
+      loss: this call's loss.
+      update_norm_squared: the squared norm of the update this transform
+        received, for the Polyak step.
+      rate: the rate before this call.
+      increase_factor: the plain rule's growth per fall.
+      decrease_factor: the cut per rise.
+    """
     loss = jnp.asarray(loss, _FLOAT)
+    update_norm_squared = jnp.asarray(update_norm_squared, _FLOAT)
+    rate = jnp.asarray(rate, _FLOAT)
     increase_factor = jnp.asarray(increase_factor, _FLOAT)
     decrease_factor = jnp.asarray(decrease_factor, _FLOAT)
-    log_loss = jnp.log(jnp.maximum(loss, jnp.finfo(_FLOAT).tiny))
+    tiny = jnp.finfo(_FLOAT).tiny
+    log_loss = jnp.log(jnp.maximum(loss, tiny))
 
     # The first loss is the first reference level.
     trend = trend._replace(
@@ -164,7 +212,15 @@ def decide(trend: TrendState, loss, increase_factor, decrease_factor):
         trend.difference_variance / jnp.maximum(trend.difference_weight, 1e-6)
     )
     spike_threshold = jnp.maximum(SPIKE_MARGIN, SPIKE_SIGMAS * sigma)
-    spike = trend.has_last & (log_loss > trend.fast_mean + spike_threshold)
+    pair_threshold = jnp.maximum(SPIKE_MARGIN, PAIR_SIGMAS * sigma)
+    single = trend.has_last & (log_loss > trend.fast_mean + spike_threshold)
+    # A divergence raises every loss: two in a row above a lower threshold.
+    pair = (
+        trend.has_last
+        & (log_loss > trend.fast_mean + pair_threshold)
+        & (trend.last_log_loss > trend.fast_mean + pair_threshold)
+    )
+    spike = single | pair
     fast_mean = jnp.where(
         trend.has_last,
         trend.fast_mean + FAST_AVERAGE * (log_loss - trend.fast_mean),
@@ -187,7 +243,11 @@ def decide(trend: TrendState, loss, increase_factor, decrease_factor):
         trend.difference_weight,
     )
     # A spike becomes the guard's reference, so only a further rise cuts again.
-    fast_mean = jnp.where(spike, log_loss, fast_mean)
+    fast_mean = jnp.where(
+        single,
+        log_loss,
+        jnp.where(pair, jnp.minimum(log_loss, trend.last_log_loss), fast_mean),
+    )
 
     # Welford's update of the window's means and co-moments; the call numbers
     # are 0, 1, ..., so the new one lies (n + 1) / 2 above the old mean call.
@@ -221,21 +281,56 @@ def decide(trend: TrendState, loss, increase_factor, decrease_factor):
     closed = checkpoint & (rose | level_rose | fell | window_full)
     restart = closed | spike
 
-    # The first fall after a cut is mostly the recovery from what was cut, so
-    # it earns no growth (streak -1); later ones grow as usual.
-    doubling = jnp.left_shift(
-        jnp.ones((), _INT), jnp.clip(trend.fall_streak, 0, MAX_DOUBLINGS)
-    )
-    exponent = jnp.where(trend.fall_streak < 0, 0, MIN_WINDOW * doubling)
-    growth = increase_factor ** exponent.astype(_FLOAT)
     one = jnp.ones((), _FLOAT)
+    growth = jnp.where(trend.recovering, one, increase_factor**GROWTH_CALLS)
     # A spike cuts once per threshold it exceeds, up to SPIKE_MAX_CUTS times:
     # the first loss after a step at a far too large rate is many thresholds up.
+    spike_unit = jnp.where(single, spike_threshold, 2.0 * pair_threshold)
     spike_cuts = jnp.clip(
-        jnp.floor((log_loss - trend.fast_mean) / spike_threshold), 1, SPIKE_MAX_CUTS
+        jnp.floor((log_loss - trend.fast_mean) / spike_unit), 1, SPIKE_MAX_CUTS
     )
     cuts = jnp.where(spike, spike_cuts, 1.0)
     multiplier = jnp.where(cut, decrease_factor**cuts, jnp.where(grow, growth, one))
+
+    # The climb towards a fraction of the Polyak step.
+    usable = (
+        jnp.isfinite(update_norm_squared) & (update_norm_squared > 0) & (loss > 0)
+    )
+    log_polyak_now = jnp.log(2.0 * jnp.maximum(loss, tiny)) - jnp.log(
+        jnp.maximum(update_norm_squared, tiny)
+    )
+    log_polyak = jnp.where(
+        usable,
+        jnp.where(
+            trend.has_polyak,
+            trend.log_polyak + GUIDE_AVERAGE * (log_polyak_now - trend.log_polyak),
+            log_polyak_now,
+        ),
+        trend.log_polyak,
+    )
+    has_polyak = trend.has_polyak | usable
+    loss_average = jnp.where(
+        trend.has_last,
+        trend.loss_average + LOSS_AVERAGE * (loss - trend.loss_average),
+        loss,
+    )
+    lowest_average = jnp.where(
+        trend.has_last, jnp.minimum(trend.lowest_average, loss_average), loss_average
+    )
+    climb_fraction = jnp.where(cut, 0.5 * trend.climb_fraction, trend.climb_fraction)
+    # In log space, so that a huge Polyak step (a vanishing update) cannot
+    # overflow; the ratio is capped at the climb factor anyway.
+    log_room = (
+        jnp.log(climb_fraction) + log_polyak - jnp.log(jnp.maximum(rate, tiny))
+    )
+    room = jnp.exp(jnp.minimum(log_room, jnp.log(CLIMB_FACTOR)))
+    climb = (
+        has_polyak
+        & ~cut
+        & (multiplier < room)
+        & (loss_average <= CLIMB_LEVEL * lowest_average)
+    )
+    multiplier = jnp.where(climb, room, multiplier)
 
     # A closed window's mean becomes the reference if it is the lowest; after a
     # level cut the new level is accepted, so that only a further rise cuts.
@@ -260,15 +355,12 @@ def decide(trend: TrendState, loss, increase_factor, decrease_factor):
         difference_weight=difference_weight,
         last_log_loss=log_loss,
         has_last=jnp.ones((), jnp.bool_),
-        fall_streak=jnp.where(
-            grow,
-            jnp.minimum(trend.fall_streak + 1, MAX_DOUBLINGS),
-            jnp.where(
-                cut,
-                -jnp.ones((), _INT),
-                jnp.where(restart, jnp.zeros((), _INT), trend.fall_streak),
-            ),
-        ),
+        recovering=cut | (trend.recovering & ~closed),
+        log_polyak=log_polyak,
+        has_polyak=has_polyak,
+        climb_fraction=climb_fraction,
+        loss_average=loss_average,
+        lowest_average=lowest_average,
     )
     new_trend = jax.tree.map(
         lambda new, old: jnp.asarray(new, old.dtype), new_trend, trend

@@ -47,14 +47,14 @@ def _noisy_stream(mean_log_slope, steps, seed, sigma=0.3):
 @pytest.mark.parametrize("jit", [False, True])
 def test_deterministic_fall_grows_at_every_fourth_call(jit):
     # Exactly exponential losses leave no residual, so the slope is significant
-    # at the first checkpoint (4 losses): x1.05^4 there, then x1.05^8 at call 8
-    # and call 12 (second and third falls in a row).
+    # at the first checkpoint (4 losses) and at every fourth call after it:
+    # x1.05^4 each time. The updates are zero, so there is no Polyak guide.
     losses = np.exp(-0.05 * np.arange(12)).astype(np.float32)
     rates = _rates(losses, jit=jit)
     expected = np.full(12, START)
     expected[3:] *= 1.05**4
-    expected[7:] *= 1.05**8
-    expected[11:] *= 1.05**8
+    expected[7:] *= 1.05**4
+    expected[11:] *= 1.05**4
     np.testing.assert_allclose(rates, expected, rtol=1e-5)
 
 
@@ -149,12 +149,13 @@ def test_state_keeps_dtypes_under_jit_and_scan():
     trend = _noise_aware.init_trend()
     decide = jax.jit(_noise_aware.decide)
     factors = (jnp.float32(1.05), jnp.float32(0.5))
-    multiplier, new_trend = decide(trend, jnp.float32(1.0), *factors)
+    guide = (jnp.float32(0.0), jnp.float32(START))
+    multiplier, new_trend = decide(trend, jnp.float32(1.0), *guide, *factors)
     assert multiplier.dtype == jnp.float32 and multiplier.shape == ()
     _assert_same_leaves(new_trend, trend)
 
     def step(trend, loss):
-        multiplier, trend = _noise_aware.decide(trend, loss, *factors)
+        multiplier, trend = _noise_aware.decide(trend, loss, *guide, *factors)
         return trend, multiplier
 
     final, multipliers = jax.lax.scan(step, trend, jnp.linspace(2.0, 1.0, 40))
@@ -172,7 +173,9 @@ def test_vmap_over_streams_decides_each_stream_separately():
 
     def run(losses):
         def step(trend, loss):
-            multiplier, trend = _noise_aware.decide(trend, loss, *factors)
+            multiplier, trend = _noise_aware.decide(
+                trend, loss, jnp.float32(0.0), jnp.float32(START), *factors
+            )
             return trend, multiplier
 
         return jax.lax.scan(step, _noise_aware.init_trend(), losses)[1]
@@ -197,4 +200,95 @@ def test_vmap_over_starting_rates_through_the_transform():
         return current_learning_rate(state)
 
     rates = jax.jit(jax.vmap(final_rate))(jnp.array([0.01, 1.0]))
-    np.testing.assert_allclose(rates, np.array([0.01, 1.0]) * 1.05**4, rtol=1e-6)
+    # A unit gradient and losses near 1 put the Polyak step near 2 and the
+    # guide near 0.05 * 2 = 0.1: from 0.01 the first three calls climb by 1.1,
+    # and the fourth grows by the trend test's 1.05^4 = 1.2155 (more than 1.1).
+    # From 1.0, above the guide, only the trend test acts.
+    expected = np.array([0.01 * 1.1**3, 1.0]) * 1.05**4
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+
+
+def _rates_with_gradient(losses, start, norm=1.0):
+    """Like ``_rates``, with a constant update of the given norm."""
+    opt = dynamic_lr(start, noise_aware=True, max_learning_rate=1e6)
+    params = jnp.zeros(1)
+    gradient = jnp.full(1, norm, jnp.float32)
+
+    def step(state, loss):
+        _, state = opt.update(gradient, state, params, value=loss)
+        return state, current_learning_rate(state)
+
+    _, rates = jax.lax.scan(step, opt.init(params), jnp.asarray(losses, jnp.float32))
+    return np.asarray(rates)
+
+
+def test_far_too_small_rate_climbs_to_the_guide_and_stops():
+    # Loss 1 and a unit gradient: the Polyak step 2 * 1 / 1 = 2, the guide
+    # 0.05 * 2 = 0.1. From 0.01 the rate grows by 1.1 per call while below it
+    # (0.01 * 1.1^24 = 0.0985), reaches 0.1 on the 25th call and stays there: a
+    # constant loss is no trend, and the guide never pushes past itself.
+    rates = _rates_with_gradient(np.ones(200), 0.01)
+    expected = np.minimum(0.01 * 1.1 ** np.arange(1, 201), 0.1)
+    np.testing.assert_allclose(rates, expected, rtol=1e-5)
+
+
+def test_guide_follows_the_polyak_step():
+    # A gradient of norm 2 makes the Polyak step 2 * 1 / 4 = 0.5 and the guide
+    # 0.025; a start above it is left alone.
+    rates = _rates_with_gradient(np.ones(200), 0.001, norm=2.0)
+    assert rates[-1] == pytest.approx(0.025, rel=1e-5)
+    np.testing.assert_allclose(_rates_with_gradient(np.ones(50), 0.03, 2.0), 0.03)
+
+
+def test_no_climb_without_a_gradient_or_a_positive_loss():
+    np.testing.assert_allclose(_rates_with_gradient(np.ones(50), 0.01, 0.0), 0.01)
+    np.testing.assert_allclose(_rates_with_gradient(np.zeros(50), 0.01), 0.01)
+
+
+def _state_with_guide(loss_average, lowest_average):
+    """A state mid-run: flat log loss 0, Polyak step 2, given loss averages."""
+    return _noise_aware.init_trend()._replace(
+        window_count=jnp.int32(1),
+        has_last=jnp.bool_(True),
+        has_best=jnp.bool_(True),
+        has_polyak=jnp.bool_(True),
+        log_polyak=jnp.float32(np.log(2.0)),
+        loss_average=jnp.float32(loss_average),
+        lowest_average=jnp.float32(lowest_average),
+    )
+
+
+def test_climb_waits_while_the_loss_is_well_above_its_lowest():
+    # Loss 1 moves the average a tenth of the way: 1.2 -> 1.18 is within 1.5
+    # times the lowest (1.0), so the rate climbs by 1.1; 2.0 -> 1.9 is not.
+    args = (jnp.float32(1.0), jnp.float32(1.0), jnp.float32(0.01))
+    factors = (jnp.float32(1.05), jnp.float32(0.5))
+    near, _ = _noise_aware.decide(_state_with_guide(1.2, 1.0), *args, *factors)
+    far, _ = _noise_aware.decide(_state_with_guide(2.0, 1.0), *args, *factors)
+    assert float(near) == pytest.approx(1.1)
+    assert float(far) == 1.0
+
+
+def test_cut_halves_the_guide():
+    trend = _state_with_guide(1.0, 1.0)
+    factors = (jnp.float32(1.05), jnp.float32(0.5))
+    # A loss of 10 after a flat level is a spike: cut, and the guide's
+    # fraction halves from 0.05 to 0.025.
+    multiplier, trend = _noise_aware.decide(
+        trend, jnp.float32(10.0), jnp.float32(1.0), jnp.float32(0.01), *factors
+    )
+    assert float(multiplier) == pytest.approx(0.125)
+    assert float(trend.climb_fraction) == pytest.approx(0.025)
+
+
+def test_two_high_losses_in_a_row_cut_where_one_does_not():
+    # Alternating losses 1.0 and 1.1 (log step 0.0953) put sigma at
+    # sqrt(0.5) * 0.0953 = 0.067: one loss must be 10 sigma = 0.67 above the
+    # fast average to cut, two in a row only max(ln 1.25, 3 sigma) = 0.223.
+    # A loss of 1.5 is about 0.36 above it: once is noise, twice is a cut
+    # (by one halving: 0.32 is less than two thresholds).
+    flat = [1.0, 1.1] * 10
+    once = np.array(flat + [1.5] + [1.0, 1.1] * 3, np.float32)
+    twice = np.array(flat + [1.5, 1.5], np.float32)
+    np.testing.assert_allclose(_rates(once), START)
+    np.testing.assert_allclose(_rates(twice), [START] * 21 + [START / 2])
