@@ -35,6 +35,9 @@ VARIANTS = {
     "dynamic_lr(1, reject_steps) + sgd(1)": lambda: optax.chain(
         dynamic_lr(1.0, reject_steps=True), optax.sgd(1.0)
     ),
+    "dynamic_lr(1, noise_aware) + sgd(1)": lambda: optax.chain(
+        dynamic_lr(1.0, noise_aware=True), optax.sgd(1.0)
+    ),
 }
 BASELINE = "sgd(1)"
 

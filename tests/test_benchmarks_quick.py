@@ -132,13 +132,17 @@ def test_overhead_quick_tables_and_plot(tmp_path):
     assert [(row[0], row[1]) for row in time_rows] == [
         (count, name)
         for count in ("1,306", "9,610")
-        for name in ("dynamic_lr(1) + sgd(1)", "dynamic_lr(1, reject_steps) + sgd(1)")
+        for name in (
+            "dynamic_lr(1) + sgd(1)",
+            "dynamic_lr(1, reject_steps) + sgd(1)",
+            "dynamic_lr(1, noise_aware) + sgd(1)",
+        )
     ]
     memory_rows = _table_after(section, "Memory (MiB;")
-    assert len(memory_rows) == 6
+    assert len(memory_rows) == 8
     assert all(len(row) == 10 for row in memory_rows)
     absolute_rows = _table_after(section, "Absolute medians")
-    assert len(absolute_rows) == 6
+    assert len(absolute_rows) == 8
 
 
 def test_overhead_state_of_step_rejection_adds_one_parameter_sized_buffer():
@@ -153,3 +157,7 @@ def test_overhead_state_of_step_rejection_adds_one_parameter_sized_buffer():
     rejecting = overhead._tree_bytes(states["dynamic_lr(1, reject_steps) + sgd(1)"])
     assert rejecting - plain == 4 * 1306
     assert overhead._tree_bytes(states["sgd(1)"]) == 0
+    # The noise-aware state adds scalars only, whatever the model's size: one
+    # int32 and twelve float32 (4 bytes each) and four bools (1 byte each).
+    noise_aware = overhead._tree_bytes(states["dynamic_lr(1, noise_aware) + sgd(1)"])
+    assert noise_aware - plain == 4 + 12 * 4 + 4 * 1

@@ -29,8 +29,26 @@ def test_quick_start_trains_and_reads_the_rate_back():
     assert 0.01 < rate <= 0.01 * 1.1**99 * (1 + 1e-5)
 
 
+def _block_with(text):
+    (block,) = [block for block in python_blocks() if text in block]
+    return block
+
+
+def test_minibatch_snippet_climbs_from_a_far_too_small_rate():
+    snippet = _block_with("noise_aware=True")
+    namespace = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(snippet, str(README), "exec"), namespace)
+    rate = float(namespace["current_learning_rate"](namespace["state"]))
+    # From 1e-4 the trend test alone left the rate where it was within 200
+    # steps; the Polyak climb lifts it by a factor of more than 100, and the
+    # noiseless linear model is then fitted.
+    assert rate > 100 * 1e-4
+    assert float(namespace["batch_loss"]) < 1e-6
+
+
 def test_logging_snippet_returns_one_rate_per_step():
-    logging_snippet = python_blocks()[1]
+    logging_snippet = _block_with("find_dynamic_lr_state")
     namespace = {}
     with contextlib.redirect_stdout(io.StringIO()):
         exec(compile(logging_snippet, str(README), "exec"), namespace)
