@@ -292,3 +292,26 @@ def test_two_high_losses_in_a_row_cut_where_one_does_not():
     twice = np.array(flat + [1.5, 1.5], np.float32)
     np.testing.assert_allclose(_rates(once), START)
     np.testing.assert_allclose(_rates(twice), [START] * 21 + [START / 2])
+
+
+def test_rate_agrees_across_a_mapped_axis():
+    # Two replicas with different losses and gradient sizes: the loss and the
+    # gradient's squared norm are both averaged over the axis, so the Polyak
+    # guide, and with it the rate, is the same on both.
+    opt = dynamic_lr(0.01, noise_aware=True, axis_name="replica")
+    params = jnp.zeros(2)
+
+    def run(gradient_scale, loss_scale):
+        def step(state, call):
+            loss = loss_scale * jnp.exp(-0.05 * call)
+            gradient = gradient_scale * jnp.ones(2)
+            _, state = opt.update(gradient, state, params, value=loss)
+            return state, current_learning_rate(state)
+
+        return jax.lax.scan(step, opt.init(params), jnp.arange(20.0))[1]
+
+    rates = jax.vmap(run, axis_name="replica")(
+        jnp.array([1.0, 3.0]), jnp.array([1.0, 2.0])
+    )
+    np.testing.assert_array_equal(rates[0], rates[1])
+    assert float(rates[0, -1]) > 0.01 * 1.1**3
