@@ -447,7 +447,7 @@ def run(quick: bool, out_dir) -> str:
     tasks = [
         (_digits_mlp(), 20_000),
         (_breast_cancer_logistic(), 20_000),
-        (_digits_cnn(), 3_000),
+        (_digits_cnn(), 20_000),
     ]
     if quick:
         tasks = tasks[:1]
