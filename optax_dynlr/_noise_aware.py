@@ -22,10 +22,8 @@ state only:
 * **Climb.** The stochastic Polyak step ``2 * loss / |g|^2`` (``g`` the update
   this transform receives) is the step that would take a linear model of the
   batch loss to zero, twice over; a useful rate is some fraction of it. Its
-  moving average (in log space) over earlier calls gives a guide,
-  ``CLIMB_FRACTION`` of it at first, halved by every cut. This call's update
-  enters the average only afterwards, so the rate never waits on a reduction
-  over the whole update. While the rate is below the guide and the loss's
+  moving average (in log space) gives a guide, ``CLIMB_FRACTION`` of it at
+  first, halved by every cut. While the rate is below the guide and the loss's
   moving average is within ``CLIMB_LEVEL`` times its lowest, the rate grows by
   ``CLIMB_FACTOR`` per call without waiting for the trend test, which cannot
   see the tiny progress of a far too small rate through the noise. The guide
@@ -320,19 +318,14 @@ def decide(
         trend.has_last, jnp.minimum(trend.lowest_average, loss_average), loss_average
     )
     climb_fraction = jnp.where(cut, 0.5 * trend.climb_fraction, trend.climb_fraction)
-    # The guide is the average of earlier calls' Polyak steps: this call's
-    # update norm enters only the new statistics, so that scaling the update
-    # need not wait for a reduction over all of it. In log space, so that a
-    # huge Polyak step (a vanishing update) cannot overflow; the ratio is
-    # capped at the climb factor anyway.
+    # In log space, so that a huge Polyak step (a vanishing update) cannot
+    # overflow; the ratio is capped at the climb factor anyway.
     log_room = (
-        jnp.log(climb_fraction)
-        + trend.log_polyak
-        - jnp.log(jnp.maximum(rate, tiny))
+        jnp.log(climb_fraction) + log_polyak - jnp.log(jnp.maximum(rate, tiny))
     )
     room = jnp.exp(jnp.minimum(log_room, jnp.log(CLIMB_FACTOR)))
     climb = (
-        trend.has_polyak
+        has_polyak
         & ~cut
         & (multiplier < room)
         & (loss_average <= CLIMB_LEVEL * lowest_average)
