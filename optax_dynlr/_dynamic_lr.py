@@ -28,16 +28,18 @@ class DynamicLRState(NamedTuple):
         point. Zero until a finite loss has been seen.
       has_previous_value: bool, whether ``previous_value`` holds a loss yet.
       count: int32, number of updates made.
-      num_falls: int32, updates whose loss fell, which grew the rate.
+      num_falls: int32, updates whose loss fell, which grew the rate (with
+        ``noise_aware``, updates that grew the rate).
       num_rises: int32, updates whose loss rose beyond the tolerance or was not
-        finite, which cut the rate.
+        finite, which cut the rate (with ``noise_aware``, updates that cut it).
       num_nonfinite: int32, updates whose loss was nan or infinite.
       num_rejections: int32, steps taken back (always zero without step
         rejection).
       accepted_direction: with step rejection, the incoming updates at the last
         accepted point, in each leaf's own dtype; ``None`` without it.
-      trend: with ``noise_aware``, the scalar statistics of recent losses that
-        decide the rate; ``None`` without it.
+      trend: with ``noise_aware``, the statistics of recent losses that decide
+        the rate, as one float32 vector in the order of the fields of
+        ``optax_dynlr._noise_aware.TrendState``; ``None`` without it.
     """
 
     learning_rate: jax.Array
@@ -175,6 +177,13 @@ def _loss_as_float32(value: Any) -> jax.Array:
     if isinstance(value, int) and not isinstance(value, bool):
         # A Python int beyond int32 would overflow on the way to an array.
         value = float(value)
+    if isinstance(value, float | np.floating | np.ndarray) and np.issubdtype(
+        np.asarray(value).dtype, np.floating
+    ):
+        # A host loss beyond float32's range becomes inf (a rise, as any
+        # non-finite loss), without numpy's overflow warning on the way.
+        with np.errstate(over="ignore"):
+            value = np.asarray(value).astype(np.float32)
     try:
         value = jnp.asarray(value)
     except TypeError as error:
@@ -194,6 +203,15 @@ def _loss_as_float32(value: Any) -> jax.Array:
             f"dynamic_lr needs a real-valued loss, got dtype {value.dtype}."
         )
     return value.astype(_FLOAT)
+
+
+def _describe_trend(trend: Any) -> str:
+    if trend is None:
+        return "None (a state made without noise_aware)"
+    shape = getattr(trend, "shape", None)
+    if shape is not None:
+        return f"an array of shape {tuple(shape)}"
+    return f"a {type(trend).__name__}"
 
 
 def _squared_norm(tree: Any) -> jax.Array:
@@ -320,19 +338,26 @@ def dynamic_lr(
         mean three times the best earlier level, or a non-finite loss
         multiplies it by ``decrease_factor``. A single loss far above the
         recent ones (``max(ln 1.25, 10 sigma)``), or two in a row well above
-        them (``max(ln 1.25, 3 sigma)``), do too, up to ``decrease_factor **
-        3``. A rate below a twentieth of the stochastic Polyak step
-        ``2 * loss / |updates|^2`` (averaged over recent calls; the fraction
-        halves with every cut) climbs by 1.1 per call while the loss stays
-        near its lowest. Otherwise the rate is held. The extra state is a few
-        scalars
-        (``DynamicLRState.trend``); ``rtol`` and ``atol`` are ignored. With
+        them (``max(ln 1.25, 3 sigma)``, the second counting a spike just cut
+        as the first), do too, up to ``decrease_factor ** 3``. A rate below a
+        twentieth of the stochastic Polyak step ``2 * loss / |updates|^2``
+        (averaged over recent calls; the fraction halves with every cut)
+        climbs by 1.21 on each call whose loss is no higher than the one
+        before, while the loss's average stays within 1.5 times its lowest; a
+        rising loss never grows the rate. Losses below 1.19e-7 (float32's
+        resolution) times the first one count as that, so a loss that reaches
+        zero neither grows the rate for ever nor makes the next tiny loss look
+        like a spike. Otherwise the rate is held. ``num_falls`` and
+        ``num_rises`` then count growths and cuts. The defaults become 1.05
+        and 0.5. The extra state is one float32 vector of 19 statistics
+        (``DynamicLRState.trend``); ``rtol`` and ``atol`` must be zero. With
         ``optax.MultiSteps``, pass the mean loss of the micro-batches
         accumulated so far: on the step that emits, that is the loss of the
         whole batch, and MultiSteps keeps this transform's state only from that
         step. See the warnings below for what it does not yet do well.
       axis_name: if given, the loss is averaged with ``jax.lax.pmean`` over this
-        mapped axis before the rule, so that every device of a ``shard_map`` or
+        mapped axis before the rule (with ``noise_aware``, so is the squared
+        norm of the updates), so that every device of a ``shard_map`` or
         ``pmap`` computation keeps the same rate.
 
     Returns:
@@ -377,10 +402,14 @@ def dynamic_lr(
 
     .. warning::
       ``noise_aware=True`` needs positive losses (a loss of zero or below reads
-      as a fall). Its climb reads the updates it receives as the gradient: put
-      it first in the chain, before ``optax.sgd(1.0)``. After a preconditioner
-      (Adam, say) the Polyak step it computes is far too small to ever
-      climb, and the slower trend test alone lifts a small rate. Its guide
+      as the floor, a fall). Its climb reads the updates it receives as the
+      gradient: put it first in the chain, before ``optax.sgd(1.0)``. After a
+      preconditioner such as Adam, whose updates have entries near 1, the
+      Polyak step is about ``2 * loss / (number of parameters)``: far too
+      small to climb on a model of any size, so the slower trend test alone
+      lifts a small rate (on a model of a few dozen parameters it may still
+      climb). In its first calls it knows nothing of the noise, so a batch
+      1.25 times the first loss already counts as a spike and cuts. Its guide
       assumes a loss whose minimum is near zero (cross-entropy); a loss with a
       large floor overstates it. It cannot undo the very first step: a start
       so large that one step breaks the network (a small tanh CNN from 10)
@@ -407,9 +436,11 @@ def dynamic_lr(
       and training goes on from it at the small rate the retries reached. A
       step that overflows the parameters' dtype (float16 beyond 65504) cannot
       be undone at all: an infinite parameter stays infinite or turns nan. Do
-      not combine ``reject_steps`` with minibatch losses (or ``noise_aware``):
-      a rejection then compares a new batch with the best loss of earlier ones
-      and mostly undoes good steps.
+      not use ``reject_steps`` with minibatch losses under the plain rule: a
+      rejection then compares a new batch with the best loss of earlier ones
+      and mostly undoes good steps. With ``noise_aware`` a step is taken back
+      only when that rule cuts the rate, and only the last one, though the
+      rise may have built up over many; that combination is not benchmarked.
     """
     for name, flag in [("reject_steps", reject_steps), ("noise_aware", noise_aware)]:
         if not isinstance(flag, bool | np.bool_):
@@ -419,6 +450,13 @@ def dynamic_lr(
             "axis_name must be the name of a mapped axis (a string, or a tuple "
             f"of them), got {axis_name!r}."
         )
+    if noise_aware:
+        for name, tolerance in (("rtol", rtol), ("atol", atol)):
+            if isinstance(tolerance, int | float | np.number) and tolerance != 0:
+                raise ValueError(
+                    f"{name} has no effect with noise_aware=True, which decides "
+                    f"from a statistical test instead; got {name}={tolerance}."
+                )
     if increase_factor is None:
         increase_factor = 1.05 if noise_aware else 1.1
     if decrease_factor is None:
@@ -451,7 +489,7 @@ def dynamic_lr(
             direction = jax.tree.map(jnp.zeros_like, params)
         trend = None
         if noise_aware:
-            trend = _noise_aware.init_trend()
+            trend = _noise_aware.pack(_noise_aware.init_trend())
         return DynamicLRState(
             learning_rate=rate,
             previous_value=jnp.zeros((), _FLOAT),
@@ -473,6 +511,13 @@ def dynamic_lr(
                 "rejection (accepted_direction is None); initialise the state "
                 "with the same transform that updates it."
             )
+        if noise_aware and jnp.shape(state.trend) != (_noise_aware.SIZE,):
+            raise ValueError(
+                "dynamic_lr(noise_aware=True) got a state whose trend is "
+                f"{_describe_trend(state.trend)}, not the float32 vector of "
+                f"{_noise_aware.SIZE} statistics it keeps; initialise the state "
+                "with the same transform that updates it."
+            )
         loss = _loss_as_float32(value)
         if axis_name is not None:
             loss = jax.lax.pmean(loss, axis_name)
@@ -491,13 +536,16 @@ def dynamic_lr(
             if axis_name is not None:
                 norm_squared = jax.lax.pmean(norm_squared, axis_name)
             multiplier, trend = _noise_aware.decide(
-                state.trend, loss, norm_squared, old_rate, increase, decrease
+                _noise_aware.unpack(state.trend),
+                loss,
+                norm_squared,
+                old_rate,
+                increase,
+                decrease,
             )
             # A non-finite loss says nothing about the trend but always cuts.
             multiplier = jnp.where(finite, multiplier, decrease)
-            trend = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), trend, state.trend
-            )
+            trend = jnp.where(finite, _noise_aware.pack(trend), state.trend)
             fell = multiplier > 1
             rose = multiplier < 1
         else:

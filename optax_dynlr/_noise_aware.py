@@ -25,10 +25,12 @@ state only:
   moving average (in log space) gives a guide, ``CLIMB_FRACTION`` of it at
   first, halved by every cut. While the rate is below the guide and the loss's
   moving average is within ``CLIMB_LEVEL`` times its lowest, the rate grows by
-  ``CLIMB_FACTOR`` per call without waiting for the trend test, which cannot
-  see the tiny progress of a far too small rate through the noise. The guide
-  only ever raises a rate: a guide too low (after a preconditioner, say) leaves
-  the trend test in charge.
+  ``CLIMB_FACTOR`` on every call whose loss is no higher than the one before,
+  without waiting for the trend test, which cannot see the tiny progress of a
+  far too small rate through the noise. Noisy losses fall on about every other
+  call, so that is about 1.1 per call; a rising loss never grows the rate. The
+  guide only ever raises a rate: a guide too low (after a preconditioner on a
+  large model, say) leaves the trend test in charge.
 * **Level guard.** The first loss, and then the lowest mean of any closed
   window, is the reference level. A window whose mean log loss is more than
   ``ln 3`` above it at a checkpoint cuts the rate; the new level then becomes
@@ -45,11 +47,16 @@ state only:
   heavy-tailed single batches of late training, often several times the mean
   loss, stay under ten sigma, while a divergence, which raises every loss,
   trips the two-loss test early. The spike becomes the guard's reference, so
-  only a further rise cuts again.
+  the loss right after it counts as the second of a pair: a divergence that
+  goes on rising is cut again at once.
 
-The test works on ``log(loss)``, so losses must be positive (cross-entropy,
-squared error). A loss of zero or below is read as the smallest positive
-float32, a very large fall, and gives no guide.
+The tests work on ``log(loss + floor)``, the floor being ``LOSS_FLOOR_FRACTION``
+times the first positive loss, so losses must be positive (cross-entropy,
+squared error) and lose their meaning once far below where they started. A loss
+of zero or below reads as the floor and gives no guide; so does any loss below
+the floor. Without the floor a loss falling on towards zero would grow the rate
+without end, and one exact zero would make the next tiny loss look like a
+spike.
 """
 
 from typing import NamedTuple
@@ -69,13 +76,20 @@ SPIKE_MARGIN = float(np.log(1.25))
 SPIKE_SIGMAS = 10.0  # one loss this far above the fast average cuts
 PAIR_SIGMAS = 3.0  # two successive losses this far above it cut
 SPIKE_MAX_CUTS = 3
+FALL_THRESHOLDS = 3.0  # a fall enters the fast average only this far down
 FAST_AVERAGE = 0.1  # weight of the newest log loss in the fast average
 SPREAD_AVERAGE = 0.02  # the same for the spread; slow, as tails are heavy
 GUIDE_AVERAGE = 0.1  # the same for the log of the Polyak step
 LOSS_AVERAGE = 0.1  # the same for the loss itself, which the climb watches
 CLIMB_FRACTION = 0.05  # the guide starts at this fraction of the Polyak step
-CLIMB_FACTOR = 1.1  # growth per call while below the guide
+# Growth per call while below the guide, on calls whose loss did not rise: under
+# noise about every other call, so about 1.1 per call; never on a rising loss.
+CLIMB_FACTOR = 1.21
 CLIMB_LEVEL = 1.5  # climb only while the loss average is within this of its lowest
+# A loss below this fraction of the first one (float32's resolution of it)
+# counts as that fraction: a loss that reaches zero, or falls on towards it,
+# neither grows the rate for ever nor makes the next tiny loss a spike.
+LOSS_FLOOR_FRACTION = float(np.finfo(np.float32).eps)
 # A residual spread below this (in log loss, about 8 float32 ulps) is rounding:
 # it keeps a constant loss from giving 0/0 and a tiny drift from looking sure.
 _RESOLUTION = 1e-6
@@ -117,6 +131,10 @@ class TrendState(NamedTuple):
         by every cut.
       loss_average: float32, moving average of the loss.
       lowest_average: float32, the lowest ``loss_average`` so far.
+      loss_floor: float32, ``LOSS_FLOOR_FRACTION`` times the first positive
+        finite loss (zero until one is seen); the test reads
+        ``log(loss + loss_floor)``.
+      spiked: bool, whether the previous call's loss was a spike.
     """
 
     window_count: jax.Array
@@ -136,6 +154,8 @@ class TrendState(NamedTuple):
     climb_fraction: jax.Array
     loss_average: jax.Array
     lowest_average: jax.Array
+    loss_floor: jax.Array
+    spiked: jax.Array
 
 
 def init_trend() -> TrendState:
@@ -159,6 +179,30 @@ def init_trend() -> TrendState:
         climb_fraction=jnp.asarray(CLIMB_FRACTION, _FLOAT),
         loss_average=zero,
         lowest_average=zero,
+        loss_floor=zero,
+        spiked=false,
+    )
+
+
+_FIELD_DTYPES = tuple(leaf.dtype for leaf in init_trend())
+SIZE = len(TrendState._fields)
+
+
+def pack(trend: TrendState) -> jax.Array:
+    """The statistics as one float32 vector, in the order of the fields.
+
+    A state of one array instead of seventeen scalars costs a jitted training
+    step far less to pass in and out: the dispatch of each argument and
+    result is paid per leaf. float32 holds the counts (at most MAX_WINDOW) and
+    the flags (0 or 1) exactly.
+    """
+    return jnp.stack([jnp.asarray(value, _FLOAT) for value in trend])
+
+
+def unpack(vector: jax.Array) -> TrendState:
+    """The statistics of a vector made by :func:`pack`, with their own dtypes."""
+    return TrendState(
+        *(vector[index].astype(dtype) for index, dtype in enumerate(_FIELD_DTYPES))
     )
 
 
@@ -199,7 +243,14 @@ def decide(
     increase_factor = jnp.asarray(increase_factor, _FLOAT)
     decrease_factor = jnp.asarray(decrease_factor, _FLOAT)
     tiny = jnp.finfo(_FLOAT).tiny
-    log_loss = jnp.log(jnp.maximum(loss, tiny))
+    # The floor is set by the first positive loss (a non-finite one never
+    # reaches here: the caller keeps the old statistics).
+    loss_floor = jnp.where(
+        (trend.loss_floor == 0) & (loss > 0),
+        LOSS_FLOOR_FRACTION * loss,
+        trend.loss_floor,
+    )
+    log_loss = jnp.log(jnp.maximum(jnp.maximum(loss, 0.0) + loss_floor, tiny))
 
     # The first loss is the first reference level.
     trend = trend._replace(
@@ -214,16 +265,23 @@ def decide(
     spike_threshold = jnp.maximum(SPIKE_MARGIN, SPIKE_SIGMAS * sigma)
     pair_threshold = jnp.maximum(SPIKE_MARGIN, PAIR_SIGMAS * sigma)
     single = trend.has_last & (log_loss > trend.fast_mean + spike_threshold)
-    # A divergence raises every loss: two in a row above a lower threshold.
+    # A divergence raises every loss: two in a row above a lower threshold. A
+    # spike became the reference, so after one a further rise is the second.
     pair = (
         trend.has_last
         & (log_loss > trend.fast_mean + pair_threshold)
-        & (trend.last_log_loss > trend.fast_mean + pair_threshold)
+        & (trend.spiked | (trend.last_log_loss > trend.fast_mean + pair_threshold))
     )
     spike = single | pair
+    # A fall enters the fast average only down to FALL_THRESHOLDS thresholds
+    # below it: one batch of near-zero loss would otherwise drag the reference
+    # so far down that the next ordinary loss looked like a spike.
+    fast_input = jnp.maximum(
+        log_loss, trend.fast_mean - FALL_THRESHOLDS * spike_threshold
+    )
     fast_mean = jnp.where(
         trend.has_last,
-        trend.fast_mean + FAST_AVERAGE * (log_loss - trend.fast_mean),
+        trend.fast_mean + FAST_AVERAGE * (fast_input - trend.fast_mean),
         log_loss,
     )
     # A jump enters the spread only up to the threshold: otherwise one
@@ -294,10 +352,15 @@ def decide(
 
     # The climb towards a fraction of the Polyak step.
     usable = (
-        jnp.isfinite(update_norm_squared) & (update_norm_squared > 0) & (loss > 0)
+        jnp.isfinite(update_norm_squared)
+        & (update_norm_squared > 0)
+        & (loss > loss_floor)
     )
-    log_polyak_now = jnp.log(2.0 * jnp.maximum(loss, tiny)) - jnp.log(
-        jnp.maximum(update_norm_squared, tiny)
+    # log 2 + log loss, as 2 * loss may overflow.
+    log_polyak_now = (
+        jnp.log(2.0)
+        + jnp.log(jnp.maximum(loss, tiny))
+        - jnp.log(jnp.maximum(update_norm_squared, tiny))
     )
     log_polyak = jnp.where(
         usable,
@@ -309,10 +372,12 @@ def decide(
         trend.log_polyak,
     )
     has_polyak = trend.has_polyak | usable
+    # Negative losses count as zero here, which also keeps the average finite.
+    nonnegative_loss = jnp.maximum(loss, 0.0)
     loss_average = jnp.where(
         trend.has_last,
-        trend.loss_average + LOSS_AVERAGE * (loss - trend.loss_average),
-        loss,
+        trend.loss_average + LOSS_AVERAGE * (nonnegative_loss - trend.loss_average),
+        nonnegative_loss,
     )
     lowest_average = jnp.where(
         trend.has_last, jnp.minimum(trend.lowest_average, loss_average), loss_average
@@ -326,6 +391,8 @@ def decide(
     room = jnp.exp(jnp.minimum(log_room, jnp.log(CLIMB_FACTOR)))
     climb = (
         has_polyak
+        & trend.has_last
+        & (log_loss <= trend.last_log_loss)
         & ~cut
         & (multiplier < room)
         & (loss_average <= CLIMB_LEVEL * lowest_average)
@@ -361,6 +428,8 @@ def decide(
         climb_fraction=climb_fraction,
         loss_average=loss_average,
         lowest_average=lowest_average,
+        loss_floor=loss_floor,
+        spiked=spike,
     )
     new_trend = jax.tree.map(
         lambda new, old: jnp.asarray(new, old.dtype), new_trend, trend

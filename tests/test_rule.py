@@ -836,6 +836,26 @@ def test_a_python_int_loss_beyond_int32_is_read_as_a_float():
     assert rates == [f32(0.1), f32(0.05)]
 
 
+@pytest.mark.parametrize(
+    "huge", [1e300, np.float64(1e300), np.array(-1e300), np.float64(np.inf)]
+)
+def test_a_host_loss_beyond_float32_is_non_finite_without_warnings(huge):
+    # Beyond float32's range the loss is +-inf in float32: a non-finite loss,
+    # which cuts (0.1 -> 0.05) and is counted, and no numpy overflow warning
+    # (filterwarnings = error would turn it into a failure).
+    opt = dynamic_lr(0.1)
+    rates, _, _, state = run_losses(opt, [1.0, huge], jnp.zeros(1))
+    assert rates == [f32(0.1), f32(0.05)]
+    assert int(state.num_nonfinite) == 1
+
+
+@pytest.mark.parametrize("name", ["rtol", "atol"])
+def test_tolerances_are_refused_with_noise_aware(name):
+    with pytest.raises(ValueError, match=f"{name} has no effect with noise_aware"):
+        dynamic_lr(0.1, noise_aware=True, **{name: 0.01})
+    dynamic_lr(0.1, noise_aware=True, **{name: 0.0})
+
+
 def test_python_float_and_float64_numpy_parameters_are_scaled_without_warnings():
     # Rate 0.1 on an update of 2.0: 0.2, as a JAX float32 array (filterwarnings
     # = error turns JAX's float64 truncation warning into a failure).
