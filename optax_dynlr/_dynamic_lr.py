@@ -29,9 +29,10 @@ class DynamicLRState(NamedTuple):
       has_previous_value: bool, whether ``previous_value`` holds a loss yet.
       count: int32, number of updates made.
       num_falls: int32, updates whose loss fell, which grew the rate (with
-        ``noise_aware``, updates that grew the rate).
+        ``noise_aware``, updates whose decision was to grow it).
       num_rises: int32, updates whose loss rose beyond the tolerance or was not
-        finite, which cut the rate (with ``noise_aware``, updates that cut it).
+        finite, which cut the rate (with ``noise_aware``, updates whose
+        decision was to cut it).
       num_nonfinite: int32, updates whose loss was nan or infinite.
       num_rejections: int32, steps taken back (always zero without step
         rejection).
@@ -342,14 +343,16 @@ def dynamic_lr(
         as the first), do too, up to ``decrease_factor ** 3``. A rate below a
         twentieth of the stochastic Polyak step ``2 * loss / |updates|^2``
         (averaged over recent calls; the fraction halves with every cut)
-        climbs by 1.21 on each call whose loss is no higher than the one
-        before, while the loss's average stays within 1.5 times its lowest; a
-        rising loss never grows the rate. Losses below 1.19e-7 (float32's
+        climbs by up to 1.21 (never past that guide) on each call whose loss
+        is no higher than the one before, while the loss's average stays
+        within 1.5 times its lowest; a rising loss never grows the rate. Losses below 1.19e-7 (float32's
         resolution) times the first one count as that, so a loss that reaches
         zero neither grows the rate for ever nor makes the next tiny loss look
-        like a spike. Otherwise the rate is held. ``num_falls`` and
-        ``num_rises`` then count growths and cuts. The defaults become 1.05
-        and 0.5. The extra state is one float32 vector of 19 statistics
+        like a spike; before the first positive loss, a loss of zero or below
+        changes nothing. Otherwise the rate is held. ``num_falls`` and
+        ``num_rises`` then count the calls that decided to grow or cut the
+        rate (also where a bound stopped it). The defaults become 1.05
+        and 0.5. The extra state is one float32 vector of 20 statistics
         (``DynamicLRState.trend``); ``rtol`` and ``atol`` must be zero. With
         ``optax.MultiSteps``, pass the mean loss of the micro-batches
         accumulated so far: on the step that emits, that is the loss of the
@@ -357,7 +360,8 @@ def dynamic_lr(
         step. See the warnings below for what it does not yet do well.
       axis_name: if given, the loss is averaged with ``jax.lax.pmean`` over this
         mapped axis before the rule (with ``noise_aware``, so is the squared
-        norm of the updates), so that every device of a ``shard_map`` or
+        norm of the updates, which assumes every device holds the whole update,
+        as in data parallelism), so that every device of a ``shard_map`` or
         ``pmap`` computation keeps the same rate.
 
     Returns:
@@ -452,7 +456,8 @@ def dynamic_lr(
         )
     if noise_aware:
         for name, tolerance in (("rtol", rtol), ("atol", atol)):
-            if isinstance(tolerance, int | float | np.number) and tolerance != 0:
+            value = _concrete(name, tolerance)
+            if value is not None and np.any(value != 0):
                 raise ValueError(
                     f"{name} has no effect with noise_aware=True, which decides "
                     f"from a statistical test instead; got {name}={tolerance}."
@@ -509,6 +514,12 @@ def dynamic_lr(
             raise ValueError(
                 "dynamic_lr(reject_steps=True) got a state made without step "
                 "rejection (accepted_direction is None); initialise the state "
+                "with the same transform that updates it."
+            )
+        if not noise_aware and state.trend is not None:
+            raise ValueError(
+                "dynamic_lr(noise_aware=False) got a state made with "
+                "noise_aware=True (its trend is not None); initialise the state "
                 "with the same transform that updates it."
             )
         if noise_aware and jnp.shape(state.trend) != (_noise_aware.SIZE,):

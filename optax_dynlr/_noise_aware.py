@@ -47,14 +47,16 @@ state only:
   heavy-tailed single batches of late training, often several times the mean
   loss, stay under ten sigma, while a divergence, which raises every loss,
   trips the two-loss test early. The spike becomes the guard's reference, so
-  the loss right after it counts as the second of a pair: a divergence that
-  goes on rising is cut again at once.
+  the loss right after it counts as the second of a pair: one that rises
+  further still is cut again at once. A slower divergence, under the pair
+  threshold from call to call, waits for the trend test's next checkpoint.
 
 The tests work on ``log(loss + floor)``, the floor being ``LOSS_FLOOR_FRACTION``
 times the first positive loss, so losses must be positive (cross-entropy,
-squared error) and lose their meaning once far below where they started. A loss
-of zero or below reads as the floor and gives no guide; so does any loss below
-the floor. Without the floor a loss falling on towards zero would grow the rate
+squared error) and lose their meaning once far below where they started. After
+the first positive loss, a loss of zero or below reads as the floor and gives
+no guide, and so does any loss below the floor; before it, such a loss has no
+scale to be read against and changes nothing. Without the floor a loss falling on towards zero would grow the rate
 without end, and one exact zero would make the next tiny loss look like a
 spike.
 """
@@ -120,6 +122,8 @@ class TrendState(NamedTuple):
       difference_weight: float32, the total weight of ``difference_variance``'s
         average, which divides it to remove the bias of its zero start.
       last_log_loss: float32, the previous log loss.
+      last_loss: float32, the previous loss itself, which the climb compares
+        with: two losses one float32 step apart can have the same log.
       has_last: bool, whether a loss has been seen.
       recovering: bool, true after a cut until the next decision of the trend
         test; a significant fall then earns no growth.
@@ -147,6 +151,7 @@ class TrendState(NamedTuple):
     difference_variance: jax.Array
     difference_weight: jax.Array
     last_log_loss: jax.Array
+    last_loss: jax.Array
     has_last: jax.Array
     recovering: jax.Array
     log_polyak: jax.Array
@@ -172,6 +177,7 @@ def init_trend() -> TrendState:
         difference_variance=zero,
         difference_weight=zero,
         last_log_loss=zero,
+        last_loss=zero,
         has_last=false,
         recovering=false,
         log_polyak=zero,
@@ -241,8 +247,11 @@ def decide(
     update_norm_squared = jnp.asarray(update_norm_squared, _FLOAT)
     rate = jnp.asarray(rate, _FLOAT)
     increase_factor = jnp.asarray(increase_factor, _FLOAT)
-    decrease_factor = jnp.asarray(decrease_factor, _FLOAT)
+    # A traced factor outside [0, 1] must not turn a cut into growth (a
+    # negative one squared, say).
+    decrease_factor = jnp.clip(jnp.asarray(decrease_factor, _FLOAT), 0.0, 1.0)
     tiny = jnp.finfo(_FLOAT).tiny
+    given = trend
     # The floor is set by the first positive loss (a non-finite one never
     # reaches here: the caller keeps the old statistics).
     loss_floor = jnp.where(
@@ -250,7 +259,10 @@ def decide(
         LOSS_FLOOR_FRACTION * loss,
         trend.loss_floor,
     )
-    log_loss = jnp.log(jnp.maximum(jnp.maximum(loss, 0.0) + loss_floor, tiny))
+    # log(loss + floor) in log space: the sum may overflow float32.
+    log_loss = jnp.logaddexp(
+        jnp.log(jnp.maximum(loss, tiny)), jnp.log(jnp.maximum(loss_floor, tiny))
+    )
 
     # The first loss is the first reference level.
     trend = trend._replace(
@@ -392,7 +404,7 @@ def decide(
     climb = (
         has_polyak
         & trend.has_last
-        & (log_loss <= trend.last_log_loss)
+        & (loss <= trend.last_loss)
         & ~cut
         & (multiplier < room)
         & (loss_average <= CLIMB_LEVEL * lowest_average)
@@ -421,6 +433,7 @@ def decide(
         difference_variance=difference_variance,
         difference_weight=difference_weight,
         last_log_loss=log_loss,
+        last_loss=loss,
         has_last=jnp.ones((), jnp.bool_),
         recovering=cut | (trend.recovering & ~closed),
         log_polyak=log_polyak,
@@ -431,7 +444,13 @@ def decide(
         loss_floor=loss_floor,
         spiked=spike,
     )
+    # Until a positive loss has set the floor, a loss of zero or below has no
+    # scale to be read against: the call holds the rate and changes nothing.
+    unscaled = loss_floor == 0
+    multiplier = jnp.where(unscaled, 1.0, multiplier)
     new_trend = jax.tree.map(
-        lambda new, old: jnp.asarray(new, old.dtype), new_trend, trend
+        lambda new, old: jnp.where(unscaled, old, jnp.asarray(new, old.dtype)),
+        new_trend,
+        given,
     )
     return multiplier.astype(_FLOAT), new_trend

@@ -157,7 +157,7 @@ def test_overhead_state_of_step_rejection_adds_one_parameter_sized_buffer():
     rejecting = overhead._tree_bytes(states["dynamic_lr(1, reject_steps) + sgd(1)"])
     assert rejecting - plain == 4 * 1306
     assert overhead._tree_bytes(states["sgd(1)"]) == 0
-    # The noise-aware state adds one vector of 19 float32 statistics (4 bytes
+    # The noise-aware state adds one vector of 20 float32 statistics (4 bytes
     # each), whatever the model's size.
     noise_aware = overhead._tree_bytes(states["dynamic_lr(1, noise_aware) + sgd(1)"])
-    assert noise_aware - plain == 19 * 4
+    assert noise_aware - plain == 20 * 4

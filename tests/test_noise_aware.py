@@ -255,6 +255,7 @@ def _state_with_guide(loss_average, lowest_average):
         window_count=jnp.int32(1),
         has_last=jnp.bool_(True),
         last_log_loss=jnp.float32(0.5),
+        last_loss=jnp.float32(np.exp(0.5)),
         has_best=jnp.bool_(True),
         has_polyak=jnp.bool_(True),
         log_polyak=jnp.float32(np.log(2.0)),
@@ -388,3 +389,81 @@ def test_a_divergence_is_cut_on_every_rising_loss():
     rates = _rates(losses)
     assert np.all(rates[:100] == START)
     assert np.all(np.diff(rates[99:]) < 0)
+
+
+def test_a_first_loss_at_the_float32_maximum_leaves_the_state_finite():
+    # The floor is then 1.19e-7 * 3.4e38 = 4e31, and loss + floor would round
+    # to inf in float32; it is added in log space. Every later loss lies far
+    # below that floor, so all of them read as the floor: one high point and
+    # then a flat line, never a significant slope (its t statistic stays near
+    # 2), so the rate holds, whatever the later losses do.
+    huge = np.finfo(np.float32).max
+    losses = np.array([huge] + [1.0, 1.1] * 50 + [3.0**k for k in range(1, 7)])
+    opt = dynamic_lr(START, noise_aware=True)
+    params = jnp.zeros(1)
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    rates = []
+    for loss in losses.astype(np.float32):
+        _, state = update(jnp.zeros(1), state, params, value=loss)
+        assert np.all(np.isfinite(np.asarray(state.trend)))
+        rates.append(float(current_learning_rate(state)))
+    np.testing.assert_allclose(rates, START)
+
+
+def test_losses_one_float32_step_apart_are_not_equal_for_the_climb():
+    # Near 100 successive float32 numbers have the same float32 log; the climb
+    # compares the losses themselves, so a loss one step up is a rise and the
+    # far too small rate (guide 0.05 * 2 * 100 / 3 = 3.3) does not climb.
+    losses = [np.float32(100.0)]
+    for _ in range(59):
+        losses.append(np.nextafter(losses[-1], np.float32(np.inf)))
+    opt = dynamic_lr(1e-4, noise_aware=True)
+    params = jnp.zeros(3)
+
+    def step(state, loss):
+        _, state = opt.update(jnp.ones(3), state, params, value=loss)
+        return state, current_learning_rate(state)
+
+    _, rates = jax.lax.scan(step, opt.init(params), jnp.asarray(losses))
+    assert np.all(np.asarray(rates) <= np.float32(1e-4))
+
+
+def test_losses_of_zero_before_any_positive_one_change_nothing():
+    # Without a first positive loss there is no floor to read zero against:
+    # the zeros leave the statistics as they were, and the tiny losses after
+    # them set the floor and read as flat, so nothing cuts.
+    losses = np.array([0.0, 0.0, 0.0, 1e-15, 1e-15, 1e-15], np.float32)
+    np.testing.assert_allclose(_rates(losses), START)
+    opt = dynamic_lr(START, noise_aware=True)
+    state = opt.init(jnp.zeros(1))
+    fresh = np.asarray(state.trend)
+    _, state = opt.update(jnp.zeros(1), state, jnp.zeros(1), value=0.0)
+    np.testing.assert_array_equal(np.asarray(state.trend), fresh)
+
+
+def test_a_traced_negative_decrease_factor_still_cuts():
+    # Checked at construction a negative factor is refused; traced (under jit)
+    # it cannot be, and it must not turn a cut into growth: (-2)^2 = 4. It is
+    # read as 0, so the spike at 1.7 sends the rate to its floor.
+    losses = jnp.asarray([1.0, 1.0, 1.0, 1.0, 1.7], jnp.float32)
+
+    def rates(decrease):
+        opt = dynamic_lr(START, decrease_factor=decrease, noise_aware=True)
+        params = jnp.zeros(1)
+
+        def step(state, loss):
+            _, state = opt.update(jnp.zeros(1), state, params, value=loss)
+            return state, current_learning_rate(state)
+
+        return jax.lax.scan(step, opt.init(params), losses)[1]
+
+    result = np.asarray(jax.jit(rates)(jnp.float32(-2.0)))
+    np.testing.assert_allclose(result[:4], START)
+    assert result[4] == np.float32(1e-10)
+
+
+def test_a_noise_aware_state_is_refused_by_the_plain_rule():
+    state = dynamic_lr(START, noise_aware=True).init(jnp.zeros(1))
+    with pytest.raises(ValueError, match="made with noise_aware=True"):
+        dynamic_lr(START).update(jnp.zeros(1), state, value=1.0)

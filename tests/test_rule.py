@@ -850,10 +850,11 @@ def test_a_host_loss_beyond_float32_is_non_finite_without_warnings(huge):
 
 
 @pytest.mark.parametrize("name", ["rtol", "atol"])
-def test_tolerances_are_refused_with_noise_aware(name):
+@pytest.mark.parametrize("kind", [float, np.asarray, jnp.asarray])
+def test_tolerances_are_refused_with_noise_aware(name, kind):
     with pytest.raises(ValueError, match=f"{name} has no effect with noise_aware"):
-        dynamic_lr(0.1, noise_aware=True, **{name: 0.01})
-    dynamic_lr(0.1, noise_aware=True, **{name: 0.0})
+        dynamic_lr(0.1, noise_aware=True, **{name: kind(0.01)})
+    dynamic_lr(0.1, noise_aware=True, **{name: kind(0.0)})
 
 
 def test_python_float_and_float64_numpy_parameters_are_scaled_without_warnings():
