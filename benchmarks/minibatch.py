@@ -394,9 +394,16 @@ def _after_adam(steps):
     lines += [
         f"| {start:g} | {_fmt(np.median(ours[i]))} |" for i, start in enumerate(starts)
     ]
-    lines += ["", "Constant Adam: " + ", ".join(
-        f"{rate:g}: {_fmt(np.median(sweep[i]))}" for i, rate in enumerate(adam_rates)
-    ) + ".", ""]
+    lines += [
+        "",
+        "Constant Adam: "
+        + ", ".join(
+            f"{rate:g}: {_fmt(np.median(sweep[i]))}"
+            for i, rate in enumerate(adam_rates)
+        )
+        + ".",
+        "",
+    ]
     return lines
 
 

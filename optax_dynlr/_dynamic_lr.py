@@ -345,15 +345,16 @@ def dynamic_lr(
         (averaged over recent calls; the fraction halves with every cut)
         climbs by up to 1.21 (never past that guide) on each call whose loss
         is no higher than the one before, while the loss's average stays
-        within 1.5 times its lowest; a rising loss never grows the rate. Losses below 1.19e-7 (float32's
-        resolution) times the first one count as that, so a loss that reaches
-        zero neither grows the rate for ever nor makes the next tiny loss look
-        like a spike; before the first positive loss, a loss of zero or below
-        changes nothing. Otherwise the rate is held. ``num_falls`` and
-        ``num_rises`` then count the calls that decided to grow or cut the
-        rate (also where a bound stopped it). The defaults become 1.05
-        and 0.5. The extra state is one float32 vector of 20 statistics
-        (``DynamicLRState.trend``); ``rtol`` and ``atol`` must be zero. With
+        within 1.5 times its lowest; a rising loss never grows the rate.
+        Losses below 1.19e-7 (float32's resolution) times the first one count
+        as that, so a loss that reaches zero neither grows the rate for ever
+        nor makes the next tiny loss look like a spike; before the first
+        positive loss, a loss of zero or below changes nothing. Otherwise the
+        rate is held. ``num_falls`` and ``num_rises`` then count the calls
+        that decided to grow or cut the rate (also where a bound stopped it).
+        The defaults become 1.05 and 0.5. The extra state is one float32
+        vector of 20 statistics (``DynamicLRState.trend``); ``rtol`` and
+        ``atol`` must be zero. With
         ``optax.MultiSteps``, pass the mean loss of the micro-batches
         accumulated so far: on the step that emits, that is the loss of the
         whole batch, and MultiSteps keeps this transform's state only from that

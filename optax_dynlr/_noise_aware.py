@@ -56,9 +56,9 @@ times the first positive loss, so losses must be positive (cross-entropy,
 squared error) and lose their meaning once far below where they started. After
 the first positive loss, a loss of zero or below reads as the floor and gives
 no guide, and so does any loss below the floor; before it, such a loss has no
-scale to be read against and changes nothing. Without the floor a loss falling on towards zero would grow the rate
-without end, and one exact zero would make the next tiny loss look like a
-spike.
+scale to be read against and changes nothing. Without the floor a loss falling
+on towards zero would grow the rate without end, and one exact zero would make
+the next tiny loss look like a spike.
 """
 
 from typing import NamedTuple
@@ -197,9 +197,9 @@ SIZE = len(TrendState._fields)
 def pack(trend: TrendState) -> jax.Array:
     """The statistics as one float32 vector, in the order of the fields.
 
-    A state of one array instead of seventeen scalars costs a jitted training
-    step far less to pass in and out: the dispatch of each argument and
-    result is paid per leaf. float32 holds the counts (at most MAX_WINDOW) and
+    A state of one array instead of a scalar per statistic costs a jitted
+    training step far less to pass in and out: the dispatch of each argument
+    and result is paid per leaf. float32 holds the counts (at most MAX_WINDOW) and
     the flags (0 or 1) exactly.
     """
     return jnp.stack([jnp.asarray(value, _FLOAT) for value in trend])
@@ -397,9 +397,7 @@ def decide(
     climb_fraction = jnp.where(cut, 0.5 * trend.climb_fraction, trend.climb_fraction)
     # In log space, so that a huge Polyak step (a vanishing update) cannot
     # overflow; the ratio is capped at the climb factor anyway.
-    log_room = (
-        jnp.log(climb_fraction) + log_polyak - jnp.log(jnp.maximum(rate, tiny))
-    )
+    log_room = jnp.log(climb_fraction) + log_polyak - jnp.log(jnp.maximum(rate, tiny))
     room = jnp.exp(jnp.minimum(log_room, jnp.log(CLIMB_FACTOR)))
     climb = (
         has_polyak
