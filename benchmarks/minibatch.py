@@ -373,15 +373,12 @@ def _after_adam(steps):
     def scaled(rate):
         return optax.chain(optax.adam(1.0), dynamic_lr(rate, noise_aware=True))
 
-    def constant_adam(rate):
-        return optax.adam(rate)
-
     every = task["eval_every"]
     ours = steps_to_target(
         train(task, scaled, starts, SEEDS, steps)[0], task["target"], every
     )
     sweep = steps_to_target(
-        train(task, constant_adam, adam_rates, SEEDS, steps)[0], task["target"], every
+        train(task, optax.adam, adam_rates, SEEDS, steps)[0], task["target"], every
     )
     lines = [
         "**After Adam** (digits MLP, `chain(adam(1), dynamic_lr(start, "

@@ -537,10 +537,11 @@ def dynamic_lr(
         previous = state.previous_value
         finite = jnp.isfinite(loss)
         # Traced factors and tolerances are not checked at construction;
-        # clamped here, a fall can never shrink the rate nor a rise grow it, and
-        # a negative tolerance cannot turn equal losses into rises.
+        # clamped here, a fall can never shrink the rate nor a rise grow it (not
+        # even a negative factor raised to an even power), and a negative
+        # tolerance cannot turn equal losses into rises.
         increase = jnp.maximum(as_float(increase_factor), 1)
-        decrease = jnp.minimum(as_float(decrease_factor), 1)
+        decrease = jnp.clip(as_float(decrease_factor), 0, 1)
 
         old_rate = state.learning_rate
         if noise_aware:

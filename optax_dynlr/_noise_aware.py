@@ -240,16 +240,14 @@ def decide(
       update_norm_squared: the squared norm of the update this transform
         received, for the Polyak step.
       rate: the rate before this call.
-      increase_factor: the plain rule's growth per fall.
-      decrease_factor: the cut per rise.
+      increase_factor: the plain rule's growth per fall, at least 1.
+      decrease_factor: the cut per rise, in [0, 1].
     """
     loss = jnp.asarray(loss, _FLOAT)
     update_norm_squared = jnp.asarray(update_norm_squared, _FLOAT)
     rate = jnp.asarray(rate, _FLOAT)
     increase_factor = jnp.asarray(increase_factor, _FLOAT)
-    # A traced factor outside [0, 1] must not turn a cut into growth (a
-    # negative one squared, say).
-    decrease_factor = jnp.clip(jnp.asarray(decrease_factor, _FLOAT), 0.0, 1.0)
+    decrease_factor = jnp.asarray(decrease_factor, _FLOAT)
     tiny = jnp.finfo(_FLOAT).tiny
     given = trend
     # The floor is set by the first positive loss (a non-finite one never
@@ -259,10 +257,9 @@ def decide(
         LOSS_FLOOR_FRACTION * loss,
         trend.loss_floor,
     )
+    log_raw_loss = jnp.log(jnp.maximum(loss, tiny))
     # log(loss + floor) in log space: the sum may overflow float32.
-    log_loss = jnp.logaddexp(
-        jnp.log(jnp.maximum(loss, tiny)), jnp.log(jnp.maximum(loss_floor, tiny))
-    )
+    log_loss = jnp.logaddexp(log_raw_loss, jnp.log(jnp.maximum(loss_floor, tiny)))
 
     # The first loss is the first reference level.
     trend = trend._replace(
@@ -370,9 +367,7 @@ def decide(
     )
     # log 2 + log loss, as 2 * loss may overflow.
     log_polyak_now = (
-        jnp.log(2.0)
-        + jnp.log(jnp.maximum(loss, tiny))
-        - jnp.log(jnp.maximum(update_norm_squared, tiny))
+        jnp.log(2.0) + log_raw_loss - jnp.log(jnp.maximum(update_norm_squared, tiny))
     )
     log_polyak = jnp.where(
         usable,
